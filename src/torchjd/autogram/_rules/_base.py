@@ -1,0 +1,102 @@
+"""The contract between the autogram engine and its per-layer Gramian rules.
+
+Every hooked forward call of a module is recorded as a :class:`Call`: references to what the
+module received and returned (never copies) and, once the engine has run its backward pass, the
+gradients of the outputs. A :class:`GramianRule` turns the calls of one module into the rows of the
+Jacobian restricted to that module's parameters, or directly into their Gramian or their weighted
+sum, without re-running the module's forward.
+
+Shapes. Let ``B`` be the batch size (dim 0 of every tensor input and output of the module) and
+``K`` the number of seeds of the engine's backward pass: every ``grad_outputs[j]`` has shape
+``[K, *outputs[j].shape]``. In *batched* mode (``batch_dim`` set) the Jacobian has ``R = K * B``
+rows, row ``k * B + i`` being the gradient coming from sample ``i`` under seed ``k`` (sample ``i``
+of ``grad_outputs[j][k]``, by batch independence). In *summed* mode (``batch_dim=None``) there are
+``R = K`` rows, row ``k`` summing the contributions of every sample under seed ``k``. A module
+called several times has one :class:`Call` per use; its rows are the sums over the uses.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(eq=False)
+class Call:
+    """One forward call of a hooked module, and the gradients of its outputs.
+
+    :param args: The positional arguments of the call, as given.
+    :param kwargs: The keyword arguments of the call, as given.
+    :param outputs: The output tensors of the call, in pytree-flattened order.
+    :param grad_outputs: For each output, its gradients ``[K, *output.shape]``, or ``None`` when
+        the output does not reach the differentiated tensor. Filled by the engine's backward.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: tuple[Tensor, ...]
+    grad_outputs: list[Tensor | None] = field(default_factory=list)
+
+
+class GramianRule(ABC):
+    """How to get the Jacobian rows of one module type's parameters from its calls.
+
+    Subclasses implement :meth:`per_row_gradients`; they override :meth:`gramian` and
+    :meth:`weighted_gradients` when a cheaper exact form exists (e.g. the "ghost" products of a
+    Linear layer). ``params`` always names trainable parameters covered by the rule (see
+    :meth:`covered_parameters`), in the order in which the Jacobian's columns are laid out.
+    """
+
+    def check(self, module: nn.Module, batched: bool) -> None:
+        """Raise a :class:`ValueError` saying what to change if ``module`` is not supported.
+
+        :param batched: Whether the engine uses per-sample structure (``batch_dim`` set).
+        """
+
+    def covered_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters whose Jacobian columns this rule computes, by name.
+
+        By default the module's direct parameters; a rule may cover its children's parameters
+        too (e.g. ``MultiheadAttention`` uses ``out_proj.weight`` without calling ``out_proj``).
+        """
+        return dict(module.named_parameters(recurse=False))
+
+    @abstractmethod
+    def per_row_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> dict[str, Tensor]:
+        """Return, for each name in ``params``, the Jacobian rows ``[R, *param.shape]``."""
+
+    def gramian(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> Tensor:
+        """Return the ``[R, R]`` Gramian of the rows restricted to ``params``."""
+        rows = self.per_row_gradients(module, calls, params, batched)
+        gramian: Tensor | None = None
+        for row in rows.values():
+            flat = row.reshape(row.shape[0], -1)
+            term = flat @ flat.T
+            gramian = term if gramian is None else gramian + term
+        if gramian is None:
+            raise ValueError("`params` should name at least one parameter.")
+        return gramian
+
+    def weighted_gradients(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        params: Sequence[str],
+        batched: bool,
+        weights: Tensor,
+    ) -> dict[str, Tensor]:
+        """Return, for each name in ``params``, ``Σ_r weights[r] * row_r`` (shape of the param).
+
+        :param weights: One weight per row, ``[R]``.
+        """
+        rows = self.per_row_gradients(module, calls, params, batched)
+        return {name: torch.tensordot(weights, row, dims=1) for name, row in rows.items()}
