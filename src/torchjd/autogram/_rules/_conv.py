@@ -1,0 +1,1 @@
+"""Placeholder: this rule is being written."""
