@@ -1,25 +1,99 @@
-# PLACEHOLDER: to be replaced by the real implementation.
 from __future__ import annotations
 
-from typing import Any
-
+import torch
 from torch import Tensor
 
-from ._aggregator_bases import Aggregator
-from ._weighting_bases import GeneralizedWeighting, Weighting
+from ._aggregator_bases import GramianWeightedAggregator
+from ._utils import PSDMatrix, in_float32_if_low_precision
+from ._weighting_bases import Weighting
 
 
-class MGDA(Aggregator):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+class MGDAWeighting(Weighting[PSDMatrix]):
+    r"""Weights of the minimum-norm point of the convex hull of the rows, from their Gramian.
+
+    Runs the Frank–Wolfe algorithm of `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_ (Algorithm 2) on the simplex: starting from ``1/m`` each,
+    it repeatedly moves towards the vertex ``e_t`` with ``t = argmin(G α)``, with the exact line
+    search step ``γ``, and stops after the first step with ``γ < epsilon`` or after ``max_iters``
+    steps.
+
+    The stopping test depends on the data. On CPU it is checked after each step (reading a CPU
+    scalar costs nothing). On other devices, checking it would wait for the device at every step,
+    so all ``max_iters`` steps are run and the iterate is frozen (with :func:`torch.where`) from
+    the step where it would have stopped: the result is the same, with no host synchronisation.
+
+    :param epsilon: The step size below which the iterations stop.
+    :param max_iters: The maximum number of Frank–Wolfe steps.
+
+    >>> import torch
+    >>> from torchjd.aggregation import MGDAWeighting
+    >>> MGDAWeighting()(torch.tensor([[18.0, -22.0], [-22.0, 38.0]]))
+    tensor([0.6000, 0.4000])
+    """
+
+    def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__()
+        if max_iters < 0:
+            raise ValueError(
+                "Parameter `max_iters` should be a non-negative integer. Found `max_iters = "
+                f"{max_iters}`."
+            )
+        self.epsilon = epsilon
+        self.max_iters = max_iters
 
-    def forward(self, x: Tensor, /) -> Tensor:
-        raise NotImplementedError
+    @in_float32_if_low_precision
+    def forward(self, gramian: PSDMatrix, /) -> Tensor:
+        m = gramian.shape[0]
+        alpha = torch.full((m,), 1 / m, dtype=gramian.dtype, device=gramian.device)
+        stop_early_on_host = gramian.device.type == "cpu"
+        converged = torch.zeros((), dtype=torch.bool, device=gramian.device)
+        indices = torch.arange(m, device=gramian.device)
+        for _ in range(self.max_iters):
+            gramian_alpha = gramian @ alpha
+            target = torch.argmin(gramian_alpha)
+            a = gramian_alpha[target]  # αᵀ G e_t (G is symmetric)
+            b = alpha @ gramian_alpha  # αᵀ G α
+            c = gramian[target, target]  # e_tᵀ G e_t
+            interior = (c > a) & (b > a)
+            # The denominator is only positive where `interior` holds; elsewhere it is replaced so
+            # that the discarded branch does not produce NaNs (which would poison gradients).
+            denominator = torch.where(interior, b + c - 2 * a, torch.ones_like(a))
+            gamma = torch.where(
+                c <= a,
+                torch.ones_like(a),
+                torch.where(b <= a, torch.zeros_like(a), (b - a) / denominator),
+            )
+            vertex = (indices == target).to(gramian.dtype)
+            updated_alpha = (1 - gamma) * alpha + gamma * vertex
+            if stop_early_on_host:
+                alpha = updated_alpha
+                if gamma < self.epsilon:
+                    break
+            else:
+                alpha = torch.where(converged, alpha, updated_alpha)
+                converged = converged | (gamma < self.epsilon)
+        return alpha
 
 
-class MGDAWeighting(Weighting[Tensor]):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
+class MGDA(GramianWeightedAggregator):
+    r"""Multiple-gradient descent: the minimum-norm point of the convex hull of the rows.
 
-    def forward(self, x: Tensor, /) -> Tensor:
-        raise NotImplementedError
+    Its weighting is :class:`MGDAWeighting` (see there for the algorithm and its device
+    behaviour); the aggregation is differentiable.
+
+    :param epsilon: The step size below which the Frank–Wolfe iterations stop.
+    :param max_iters: The maximum number of Frank–Wolfe steps.
+
+    >>> import torch
+    >>> from torchjd.aggregation import MGDA
+    >>> MGDA()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0., 1., 1.])
+    """
+
+    def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
+        super().__init__(MGDAWeighting(epsilon=epsilon, max_iters=max_iters))
+        self._epsilon = epsilon
+        self._max_iters = max_iters
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(epsilon={self._epsilon}, max_iters={self._max_iters})"
