@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 
 @dataclass(eq=False)
@@ -35,12 +36,18 @@ class Call:
     :param outputs: The output tensors of the call, in pytree-flattened order.
     :param grad_outputs: For each output, its gradients ``[K, *output.shape]``, or ``None`` when
         the output does not reach the differentiated tensor. Filled by the engine's backward.
+    :param output_edges: For each output, its gradient edge taken when the call returned (``None``
+        for an output that does not require grad), or empty when unknown. Differentiate through
+        these rather than through ``outputs``: an output modified in place afterwards (e.g. by
+        ``ReLU(inplace=True)``) has a new ``grad_fn``, but its edge still points at the module's
+        own graph. For the same reason, rules should read values from the inputs, not the outputs.
     """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     outputs: tuple[Tensor, ...]
     grad_outputs: list[Tensor | None] = field(default_factory=list)
+    output_edges: tuple[GradientEdge | None, ...] = ()
 
 
 class GramianRule(ABC):
