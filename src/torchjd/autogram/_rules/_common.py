@@ -1,0 +1,159 @@
+"""Bookkeeping shared by the per-layer rules: arguments, seeds, rows and weights.
+
+Every rule is linear in the output gradients, so a weighted sum of rows is the single "row" that
+the weighted combination of the output gradients produces: :func:`weighted_calls` builds those
+combined calls (one seed, summed over samples), and the rules' summed-mode code does the rest.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import Call
+
+_SIGNATURES: dict[type[nn.Module], inspect.Signature] = {}
+
+
+def bound_arguments(module: nn.Module, call: Call) -> dict[str, Any]:
+    """Return the arguments of ``call`` by parameter name of ``module.forward``, defaults included."""
+    module_type = type(module)
+    signature = _SIGNATURES.get(module_type)
+    if signature is None:
+        signature = inspect.signature(module.forward)
+        _SIGNATURES[module_type] = signature
+    bound = signature.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def tensor_outputs(call: Call) -> list[tuple[Tensor, Tensor | None]]:
+    """The pairs ``(output, grad_output)`` of ``call`` whose output is a tensor."""
+    grads: list[Tensor | None] = list(call.grad_outputs)
+    grads += [None] * (len(call.outputs) - len(grads))
+    return [(out, grad) for out, grad in zip(call.outputs, grads) if isinstance(out, Tensor)]
+
+
+def seed_count(calls: Sequence[Call]) -> int:
+    """The number ``K`` of seeds of the engine's backward, read from the output gradients."""
+    for call in calls:
+        for out, grad in tensor_outputs(call):
+            if grad is not None:
+                if grad.shape[1:] != out.shape:
+                    raise ValueError(
+                        "Expected every grad_output to have shape [K, *output.shape]; found "
+                        f"{tuple(grad.shape)} for an output of shape {tuple(out.shape)}."
+                    )
+                return grad.shape[0]
+    raise ValueError("Expected at least one call with an output gradient; found none.")
+
+
+def common_batch_size(sizes: Sequence[int], module: nn.Module) -> int:
+    """The batch size shared by every call (batched mode), or a clear error."""
+    if not sizes:
+        raise ValueError(f"Expected at least one call of {type(module).__name__}; found none.")
+    if any(size != sizes[0] for size in sizes):
+        raise ValueError(
+            f"Expected every call of {type(module).__name__} to have the same batch size (dim 0) "
+            f"when `batch_dim` is not None; found sizes {list(sizes)}."
+        )
+    return sizes[0]
+
+
+def rows_of(per_sample: Tensor, batched: bool) -> Tensor:
+    """Turn per-seed, per-sample gradients ``[K, B, ...]`` into Jacobian rows ``[R, ...]``.
+
+    Batched mode: row ``k * B + i``; summed mode: row ``k`` sums over the samples.
+    """
+    if batched:
+        return per_sample.reshape(per_sample.shape[0] * per_sample.shape[1], *per_sample.shape[2:])
+    return per_sample.sum(dim=1)
+
+
+def gram(rows: Sequence[Tensor]) -> Tensor:
+    """The Gramian of the concatenation of ``rows`` (each ``[R, ...]``), without concatenating."""
+    result: Tensor | None = None
+    for row in rows:
+        flat = row.reshape(row.shape[0], -1)
+        term = flat @ flat.T
+        result = term if result is None else result + term
+    if result is None:
+        raise ValueError("`params` should name at least one parameter.")
+    return result
+
+
+def check_weights(weights: Tensor, seeds: int, batch_size: int, batched: bool) -> None:
+    """Raise if ``weights`` is not one weight per Jacobian row."""
+    expected = seeds * batch_size if batched else seeds
+    if weights.shape != (expected,):
+        raise ValueError(
+            f"Expected `weights` to have shape ({expected},), one weight per Jacobian row; "
+            f"found {tuple(weights.shape)}."
+        )
+
+
+def combine_seeds(grad: Tensor, weights: Tensor, batched: bool, sample_axis: int) -> Tensor:
+    """Return ``Σ_r weights[r] * (grad of row r)`` as a single-seed gradient ``[1, *shape]``.
+
+    :param grad: An output gradient ``[K, *shape]``.
+    :param sample_axis: Where the samples lie in ``shape`` (used in batched mode only).
+    """
+    seeds = grad.shape[0]
+    weights = weights.to(dtype=grad.dtype)
+    if not batched:
+        return torch.tensordot(weights, grad, dims=1).unsqueeze(0)
+    moved = grad.movedim(1 + sample_axis, 1)
+    per_sample = weights.reshape(seeds, moved.shape[1])
+    combined = torch.einsum("ki,ki...->i...", per_sample, moved)
+    return combined.movedim(0, sample_axis).unsqueeze(0)
+
+
+def weighted_calls(
+    calls: Sequence[Call],
+    weights: Tensor,
+    batched: bool,
+    sample_axes: Callable[[Call], Sequence[int]],
+) -> list[Call]:
+    """The calls with their output gradients combined by ``weights`` into a single seed.
+
+    The summed-mode rows of these calls are the weighted sums of the original rows.
+
+    :param sample_axes: For a call, the sample axis of each of its outputs (batched mode).
+    """
+    combined_calls = []
+    for call in calls:
+        axes = sample_axes(call)
+        grads: list[Tensor | None] = []
+        for index, grad in enumerate(call.grad_outputs):
+            if grad is None:
+                grads.append(None)
+            else:
+                grads.append(combine_seeds(grad, weights, batched, axes[index]))
+        combined_calls.append(Call(call.args, call.kwargs, call.outputs, grads))
+    return combined_calls
+
+
+def leading_axes(call: Call) -> list[int]:
+    """Sample axis 0 for every output (the common case)."""
+    return [0] * len(call.outputs)
+
+
+def parameter(module: nn.Module, name: str) -> Tensor:
+    """The parameter called ``name`` in ``module`` (dotted names reach into children)."""
+    return module.get_parameter(name)
+
+
+def check_params(params: Sequence[str], known: Sequence[str], module: nn.Module) -> None:
+    """Raise if ``params`` is empty or names a parameter the rule does not cover."""
+    if not params:
+        raise ValueError("`params` should name at least one parameter.")
+    unknown = [name for name in params if name not in known]
+    if unknown:
+        raise ValueError(
+            f"Expected `params` to name parameters of {type(module).__name__} among "
+            f"{list(known)}; found {unknown}."
+        )
