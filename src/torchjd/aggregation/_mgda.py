@@ -43,36 +43,52 @@ class MGDAWeighting(Weighting[PSDMatrix]):
 
     @in_float32_if_low_precision
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        m = gramian.shape[0]
-        alpha = torch.full((m,), 1 / m, dtype=gramian.dtype, device=gramian.device)
-        stop_early_on_host = gramian.device.type == "cpu"
-        converged = torch.zeros((), dtype=torch.bool, device=gramian.device)
-        indices = torch.arange(m, device=gramian.device)
-        for _ in range(self.max_iters):
-            gramian_alpha = gramian @ alpha
-            target = torch.argmin(gramian_alpha)
-            a = gramian_alpha[target]  # αᵀ G e_t (G is symmetric)
-            b = alpha @ gramian_alpha  # αᵀ G α
-            c = gramian[target, target]  # e_tᵀ G e_t
-            interior = (c > a) & (b > a)
-            # The denominator is only positive where `interior` holds; elsewhere it is replaced so
-            # that the discarded branch does not produce NaNs (which would poison gradients).
-            denominator = torch.where(interior, b + c - 2 * a, torch.ones_like(a))
-            gamma = torch.where(
-                c <= a,
-                torch.ones_like(a),
-                torch.where(b <= a, torch.zeros_like(a), (b - a) / denominator),
-            )
-            vertex = (indices == target).to(gramian.dtype)
-            updated_alpha = (1 - gamma) * alpha + gamma * vertex
-            if stop_early_on_host:
-                alpha = updated_alpha
-                if gamma < self.epsilon:
-                    break
-            else:
-                alpha = torch.where(converged, alpha, updated_alpha)
-                converged = converged | (gamma < self.epsilon)
-        return alpha
+        return _frank_wolfe(
+            gramian,
+            epsilon=self.epsilon,
+            max_iters=self.max_iters,
+            stop_on_host=gramian.device.type == "cpu",
+        )
+
+
+def _frank_wolfe(
+    gramian: PSDMatrix, *, epsilon: float, max_iters: int, stop_on_host: bool
+) -> Tensor:
+    """Minimise ``αᵀ G α`` over the simplex; see :class:`MGDAWeighting`.
+
+    With ``stop_on_host``, the loop is left after the first step with ``γ < epsilon``; without, all
+    ``max_iters`` steps run and the iterate is frozen from that step on (same result, no sync).
+    """
+    m = gramian.shape[0]
+    # (An empty Gramian is left to fail in `argmin`, with an IndexError.)
+    alpha = torch.ones(m, dtype=gramian.dtype, device=gramian.device) / m
+    converged = torch.zeros((), dtype=torch.bool, device=gramian.device)
+    indices = torch.arange(m, device=gramian.device)
+    for _ in range(max_iters):
+        gramian_alpha = gramian @ alpha
+        target = torch.argmin(gramian_alpha)
+        a = gramian_alpha[target]  # αᵀ G e_t (G is symmetric)
+        b = alpha @ gramian_alpha  # αᵀ G α
+        c = gramian[target, target]  # e_tᵀ G e_t
+        interior = (c > a) & (b > a)
+        # The denominator is only positive where `interior` holds; elsewhere it is replaced so that
+        # the discarded branch does not produce NaNs (which would poison gradients).
+        denominator = torch.where(interior, b + c - 2 * a, torch.ones_like(a))
+        gamma = torch.where(
+            c <= a,
+            torch.ones_like(a),
+            torch.where(b <= a, torch.zeros_like(a), (b - a) / denominator),
+        )
+        vertex = (indices == target).to(gramian.dtype)
+        updated_alpha = (1 - gamma) * alpha + gamma * vertex
+        if stop_on_host:
+            alpha = updated_alpha
+            if gamma < epsilon:
+                break
+        else:
+            alpha = torch.where(converged, alpha, updated_alpha)
+            converged = converged | (gamma < epsilon)
+    return alpha
 
 
 class MGDA(GramianWeightedAggregator):
