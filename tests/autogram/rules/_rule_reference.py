@@ -67,6 +67,12 @@ def _inner_product(outputs: Sequence[Tensor], grads: Sequence[Tensor | None]) ->
     return total
 
 
+def _dense(grad: Tensor | None, like: Tensor) -> Tensor:
+    if grad is None:
+        return torch.zeros_like(like)
+    return grad.to_dense() if grad.is_sparse else grad
+
+
 def reference_rows(
     module: nn.Module,
     calls: Sequence[Call],
@@ -74,8 +80,14 @@ def reference_rows(
     batched: bool,
     slice_args: Callable[[Call, int], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
     output_axes: Sequence[int] | None = None,
+    rerun_per_sample: bool = True,
 ) -> dict[str, Tensor]:
     """The Jacobian rows ``[R, *param.shape]`` of ``params``, by plain autograd.
+
+    Batched mode re-runs the module on each sample alone, unless ``rerun_per_sample`` is False:
+    then it re-runs it on the whole batch and keeps the output gradients of one sample (the
+    definition of a row for modules whose backward depends on the batch, as with
+    ``scale_grad_by_freq``).
 
     :param slice_args: For batched mode, the arguments of a call restricted to one sample (kept
         batched, of size 1). Defaults to slicing dim 0 of every tensor argument.
@@ -100,7 +112,7 @@ def reference_rows(
                 total = total + _inner_product(outputs, grads)
             grads_of_params = torch.autograd.grad(total, tensors, allow_unused=True)
             for index, grad in enumerate(grads_of_params):
-                rows[index].append(torch.zeros_like(tensors[index]) if grad is None else grad)
+                rows[index].append(_dense(grad, tensors[index]))
         return {name: torch.stack(row) for name, row in zip(params, rows)}
     batch = next(g for call in calls for g in call.grad_outputs if g is not None).shape[
         1 + (output_axes[0] if output_axes else 0)
@@ -109,7 +121,10 @@ def reference_rows(
         for sample in range(batch):
             total = torch.zeros(())
             for call in calls:
-                args, kwargs = slicer(call, sample)
+                if rerun_per_sample:
+                    args, kwargs = slicer(call, sample)
+                else:
+                    args, kwargs = call.args, call.kwargs
                 outputs = tensors_of(module(*args, **kwargs))
                 grads: list[Tensor | None] = []
                 for index, g in enumerate(call.grad_outputs):
@@ -117,11 +132,18 @@ def reference_rows(
                         grads.append(None)
                         continue
                     axis = output_axes[index] if output_axes else 0
-                    grads.append(g[seed].narrow(axis, sample, 1))
+                    if rerun_per_sample:
+                        grads.append(g[seed].narrow(axis, sample, 1))
+                    else:
+                        mask = torch.zeros(g.shape[1 + axis], dtype=g.dtype)
+                        mask[sample] = 1
+                        shape = [1] * (g.ndim - 1)
+                        shape[axis] = -1
+                        grads.append(g[seed] * mask.view(shape))
                 total = total + _inner_product(outputs, grads)
             grads_of_params = torch.autograd.grad(total, tensors, allow_unused=True)
             for index, grad in enumerate(grads_of_params):
-                rows[index].append(torch.zeros_like(tensors[index]) if grad is None else grad)
+                rows[index].append(_dense(grad, tensors[index]))
     return {name: torch.stack(row) for name, row in zip(params, rows)}
 
 
@@ -143,7 +165,9 @@ def assert_rule_matches(
         assert rows[name].shape == expected_rows[name].shape, name
         torch.testing.assert_close(rows[name], expected_rows[name], rtol=rtol, atol=atol)
 
-    flat = torch.cat([expected_rows[name].reshape(len(expected_rows[name]), -1) for name in params], 1)
+    flat = torch.cat(
+        [expected_rows[name].reshape(len(expected_rows[name]), -1) for name in params], 1
+    )
     expected_gramian = flat @ flat.T
     gramian = rule.gramian(module, calls, params, batched)
     scale = expected_gramian.abs().max().clamp(min=1.0)

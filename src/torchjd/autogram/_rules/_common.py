@@ -20,7 +20,7 @@ _SIGNATURES: dict[type[nn.Module], inspect.Signature] = {}
 
 
 def bound_arguments(module: nn.Module, call: Call) -> dict[str, Any]:
-    """Return the arguments of ``call`` by parameter name of ``module.forward``, defaults included."""
+    """The arguments of ``call`` by parameter name of ``module.forward``, defaults included."""
     module_type = type(module)
     signature = _SIGNATURES.get(module_type)
     if signature is None:
@@ -133,7 +133,7 @@ def weighted_calls(
                 grads.append(None)
             else:
                 grads.append(combine_seeds(grad, weights, batched, axes[index]))
-        combined_calls.append(Call(call.args, call.kwargs, call.outputs, grads))
+        combined_calls.append(Call(call.args, call.kwargs, call.outputs, grads, call.output_edges))
     return combined_calls
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,11 @@ def _unfold(module: _ConvNd, use: _ConvUse) -> Tensor:
     ):
         windows = windows.unfold(2 + axis, dilation * (kernel - 1) + 1, stride)
     # windows: [B, C, *O, *span]; keep every `dilation`-th element of each span.
-    windows = windows[(..., *(slice(None, None, d) for d in module.dilation))]
+    keep: tuple[EllipsisType | slice, ...] = (
+        Ellipsis,
+        *(slice(None, None, d) for d in module.dilation),
+    )
+    windows = windows[keep]
     order = [0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims)]
     patches = windows.permute(order)  # [B, C, *kernel, *O]
     return patches.reshape(batch, groups, channels // groups * math.prod(module.kernel_size), -1)

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from _rule_reference import Use, assert_rule_matches, record_calls, reference_rows
+from torch import nn
+
+from torchjd.autogram._rules import find_rule
+from torchjd.autogram._rules._embedding import (
+    EmbeddingRule,
+    _compact_cost,
+    _compact_gramian,
+    _ghost_cost,
+    _ghost_gramian,
+    _lookups,
+)
+
+CONFIGS: list[dict[str, Any]] = [
+    {"num_embeddings": 7, "embedding_dim": 3},
+    {"num_embeddings": 50, "embedding_dim": 4, "padding_idx": 2},
+    {"num_embeddings": 6, "embedding_dim": 2, "padding_idx": -1, "scale_grad_by_freq": True},
+    {"num_embeddings": 9, "embedding_dim": 3, "max_norm": 1.0},
+    {"num_embeddings": 40, "embedding_dim": 5, "sparse": True, "padding_idx": 0},
+]
+
+
+def _ids(
+    shape: tuple[int, ...], vocabulary: int, generator: torch.Generator, padding: int | None
+) -> torch.Tensor:
+    # A small range of ids makes repeated tokens (within and across samples) likely.
+    ids = torch.randint(0, min(vocabulary, 6), shape, generator=generator)
+    if padding is not None:
+        ids.view(-1)[::3] = padding
+    return ids
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 4), (3,), (1, 2, 3)])
+def test_matches_reference(
+    index: int, batched: bool, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(index)
+    module = nn.Embedding(**CONFIGS[index]).to(dtype)
+    generator = torch.Generator().manual_seed(index)
+    padding = module.padding_idx
+    seeds = 3 if len(shape) == 2 else 1
+    uses = [
+        Use((_ids(shape, module.num_embeddings, generator, padding),)),
+        Use((_ids(shape, module.num_embeddings, generator, padding),)),
+    ]
+    calls = record_calls(module, uses, seeds, generator)
+    rule = find_rule(module)
+    assert isinstance(rule, EmbeddingRule)
+    # Token counts of `scale_grad_by_freq` are over the whole call, as in autograd's backward.
+    per_sample = not module.scale_grad_by_freq
+    expected = reference_rows(module, calls, ["weight"], batched, rerun_per_sample=per_sample)
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-12, 1e-12)
+    assert_rule_matches(rule, module, calls, ["weight"], batched, expected, generator, rtol, atol)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("vocabulary", [5, 1000])
+def test_both_gramian_forms_agree(batched: bool, vocabulary: int) -> None:
+    """The ghost and the compact forms (vocabulary-wide, or over distinct tokens) are exact."""
+    torch.manual_seed(0)
+    module = nn.Embedding(vocabulary, 3, padding_idx=1, scale_grad_by_freq=True).double()
+    generator = torch.Generator().manual_seed(1)
+    uses = [
+        Use((torch.randint(0, 8, (4, 6), generator=generator) % vocabulary,)),
+        Use((torch.randint(0, 8, (4, 2), generator=generator) % vocabulary,)),
+    ]
+    calls = record_calls(module, uses, 2, generator)
+    expected = reference_rows(module, calls, ["weight"], batched, rerun_per_sample=False)
+    flat = expected["weight"].reshape(len(expected["weight"]), -1)
+    lookups = _lookups(module, calls, batched)
+    torch.testing.assert_close(_ghost_gramian(lookups), flat @ flat.T)
+    torch.testing.assert_close(_compact_gramian(module, lookups), flat @ flat.T)
+
+
+def test_cost_estimate_prefers_ghost_for_short_sequences_only() -> None:
+    module = nn.Embedding(10_000, 16)
+    generator = torch.Generator().manual_seed(2)
+    short = record_calls(module, [Use((torch.randint(0, 10_000, (32, 2)),))], 1, generator)
+    long = record_calls(module, [Use((torch.randint(0, 10_000, (32, 64)),))], 1, generator)
+    short_lookups = _lookups(module, short, True)
+    long_lookups = _lookups(module, long, True)
+    assert _ghost_cost(short_lookups) < _compact_cost(module, short_lookups)
+    assert _ghost_cost(long_lookups) > _compact_cost(module, long_lookups)
+
+
+def test_sparse_embedding_gives_sparse_weighted_gradient() -> None:
+    module = nn.Embedding(10, 2, sparse=True)
+    generator = torch.Generator().manual_seed(3)
+    calls = record_calls(module, [Use((torch.tensor([[1, 2], [2, 3]]),))], 1, generator)
+    weighted = EmbeddingRule().weighted_gradients(
+        module, calls, ["weight"], True, torch.tensor([1.0, 2.0])
+    )
+    assert weighted["weight"].is_sparse
+
+
+def test_padding_rows_get_no_gradient() -> None:
+    module = nn.Embedding(5, 2, padding_idx=0)
+    generator = torch.Generator().manual_seed(4)
+    calls = record_calls(module, [Use((torch.tensor([[0, 1], [0, 0]]),))], 2, generator)
+    rows = EmbeddingRule().per_row_gradients(module, calls, ["weight"], True)["weight"]
+    assert rows.shape == (4, 5, 2)
+    assert torch.all(rows[:, 0] == 0)
+    assert torch.all(rows[1::2] == 0)  # the second sample only has padding tokens
+
+
+def test_wrong_weights_shape_is_refused() -> None:
+    module = nn.Embedding(5, 2)
+    generator = torch.Generator().manual_seed(5)
+    calls = record_calls(module, [Use((torch.tensor([[0, 1], [2, 3]]),))], 1, generator)
+    with pytest.raises(ValueError, match="one weight per Jacobian row"):
+        EmbeddingRule().weighted_gradients(module, calls, ["weight"], True, torch.ones(3))
