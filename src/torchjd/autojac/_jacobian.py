@@ -157,10 +157,13 @@ def aggregate_into_grads(
         _restore(saved_grads)
 
 
-def _restore(saved_grads: dict[Tensor, Tensor | None]) -> None:
+def _restore(saved_grads: dict[Tensor, Tensor | None], *, done: bool = True) -> None:
+    """Put back the ``.grad`` of non-leaf inputs as it was before any row was computed; once
+    ``done``, forget them so that the accumulation that follows is kept."""
     for tensor, grad in saved_grads.items():
         tensor.grad = grad
-    saved_grads.clear()
+    if done:
+        saved_grads.clear()
 
 
 def _promoted_dtype(inputs: Sequence[Tensor]) -> torch.dtype:
@@ -204,7 +207,11 @@ def _vjp(
 
 
 def _chunks(
-    rows: Rows, inputs: Sequence[Tensor], retain_graph: bool, parallel_chunk_size: int | None
+    rows: Rows,
+    inputs: Sequence[Tensor],
+    retain_graph: bool,
+    parallel_chunk_size: int | None,
+    saved_grads: dict[Tensor, Tensor | None],
 ) -> Iterator[tuple[int, int, list[Tensor]]]:
     """Yield ``(start, stop, blocks)`` for consecutive chunks of rows. The graph is kept for all
     chunks but the last, which uses ``retain_graph``."""
@@ -215,18 +222,28 @@ def _chunks(
     for start in range(0, m, size):
         stop = min(start + size, m)
         keep_graph = retain_graph or stop < m
-        yield start, stop, _vjp(rows.outputs, inputs, rows.chunk(start, stop), keep_graph)
+        blocks = _vjp(rows.outputs, inputs, rows.chunk(start, stop), keep_graph)
+        # Under vmap, the retains_grad hooks leave batched tensors in .grad, which must not leak
+        # into the next chunk.
+        _restore(saved_grads, done=False)
+        yield start, stop, blocks
 
 
 def _jacobian_blocks(
-    rows: Rows, inputs: Sequence[Tensor], retain_graph: bool, parallel_chunk_size: int | None
+    rows: Rows,
+    inputs: Sequence[Tensor],
+    retain_graph: bool,
+    parallel_chunk_size: int | None,
+    saved_grads: dict[Tensor, Tensor | None],
 ) -> list[Tensor]:
     """The blocks ``[m, *x.shape]`` of the Jacobian, one per input, without concatenating them.
     With one chunk they are what autograd returns; with several, chunks are copied into blocks
     allocated once, so only one chunk exists besides them."""
     m = rows.n_rows
     blocks: list[Tensor] = []
-    for start, stop, chunk_blocks in _chunks(rows, inputs, retain_graph, parallel_chunk_size):
+    for start, stop, chunk_blocks in _chunks(
+        rows, inputs, retain_graph, parallel_chunk_size, saved_grads
+    ):
         if start == 0 and stop == m:
             return chunk_blocks
         if start == 0:
@@ -257,7 +274,9 @@ def _generic(
     dtype = _promoted_dtype(inputs)
 
     matrix: Tensor | None = None
-    for start, stop, chunk_blocks in _chunks(rows, inputs, retain_graph, parallel_chunk_size):
+    for start, stop, chunk_blocks in _chunks(
+        rows, inputs, retain_graph, parallel_chunk_size, saved_grads
+    ):
         if len(inputs) == 1 and start == 0 and stop == m and chunk_blocks[0].dtype == dtype:
             matrix = chunk_blocks[0].reshape(m, n_columns)
             break
@@ -297,7 +316,7 @@ def _gramian(
     saved_grads: dict[Tensor, Tensor | None],
 ) -> None:
     m = rows.n_rows
-    blocks = _jacobian_blocks(rows, inputs, retain_graph, parallel_chunk_size)
+    blocks = _jacobian_blocks(rows, inputs, retain_graph, parallel_chunk_size, saved_grads)
     dtype = _promoted_dtype(inputs)
     # Same precision rule as the aggregator's own Gramian (half-precision Gramians lose digits).
     gramian_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
