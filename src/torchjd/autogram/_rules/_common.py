@@ -31,6 +31,12 @@ def bound_arguments(module: nn.Module, call: Call) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
+def first_argument(module: nn.Module, call: Call) -> Any:
+    """The value of the first parameter of ``module.forward`` in ``call`` (``input``, ``x``...)."""
+    arguments = bound_arguments(module, call)
+    return next(iter(arguments.values()))
+
+
 def tensor_outputs(call: Call) -> list[tuple[Tensor, Tensor | None]]:
     """The pairs ``(output, grad_output)`` of ``call`` whose output is a tensor."""
     grads: list[Tensor | None] = list(call.grad_outputs)

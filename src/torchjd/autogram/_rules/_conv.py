@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from ._base import Call, GramianRule
 from ._common import (
-    bound_arguments,
     check_params,
     check_weights,
     common_batch_size,
+    first_argument,
     gram,
     leading_axes,
     seed_count,
@@ -65,7 +65,7 @@ def _use_of(module: _ConvNd, call: Call, batched: bool) -> _ConvUse | None:
     grad = call.grad_outputs[0] if call.grad_outputs else None
     if grad is None:
         return None
-    inputs = bound_arguments(module, call)["input"]
+    inputs = first_argument(module, call)
     dims = len(module.kernel_size)
     if inputs.ndim == dims + 1:
         if batched:

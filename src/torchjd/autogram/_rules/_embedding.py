@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from ._base import Call, GramianRule
 from ._common import (
-    bound_arguments,
     check_params,
     check_weights,
     common_batch_size,
+    first_argument,
     leading_axes,
     seed_count,
     weighted_calls,
@@ -60,7 +60,7 @@ def _lookup_of(module: nn.Embedding, call: Call, batched: bool) -> _Lookup | Non
     grad = call.grad_outputs[0] if call.grad_outputs else None
     if grad is None:
         return None
-    ids = bound_arguments(module, call)["input"]
+    ids = first_argument(module, call)
     seeds, width = grad.shape[0], module.embedding_dim
     if batched:
         if ids.ndim == 0:
