@@ -22,6 +22,8 @@ class AlignedMTLWeighting(Weighting[PSDMatrix]):
     dtype (``torch.finfo()``), whatever the Gramian's dtype, as in the reference implementation.
 
     Computed without host synchronisation: the rank is used through masks, not as a Python int.
+    The weights are differentiable through :func:`torch.linalg.eigh`, whose gradient is undefined
+    (NaN) when ``G`` has repeated eigenvalues (e.g. a zero Gramian).
 
     :param pref_vector: The preference weights ``w``; ``None`` means ``1/m`` each.
 
