@@ -1,12 +1,339 @@
-# PLACEHOLDER: to be replaced by the real implementation.
-from typing import Any
+"""The autogram engine: Gramians of Jacobians from one backward pass and per-layer closed forms."""
 
-from torch import nn
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+from torch.utils.hooks import RemovableHandle
+
+from ._coverage import Coverage, plan_coverage
+from ._gramian_layout import Seeding, make_seeding, normalize_batch_dim, to_generalized_gramian
+from ._graph_checks import check_graph
+from ._recorder import Record, Recorder
+from ._rules import Call
+from ._rules._fallback import FALLBACK_RULE
 
 
 class Engine:
-    def __init__(self, *modules: nn.Module, batch_dim: int | None) -> None:
-        raise NotImplementedError
+    r"""Computes the Gramian of the Jacobian of a tensor w.r.t. the parameters of some modules.
 
-    def __getattr__(self, name: str) -> Any:
-        raise NotImplementedError
+    The engine hooks the given modules once, at construction. After a forward pass, with gradients
+    enabled, that produces a tensor ``output`` (e.g. one loss per sample),
+    :meth:`compute_gramian` returns the Gramian :math:`J J^\top` of the Jacobian :math:`J` of
+    ``output`` w.r.t. the trainable parameters of these modules, without ever holding :math:`J`:
+    one backward pass gives every hooked call's output gradients, and per-layer rules turn them
+    into Gramian blocks (closed forms for common layers, exact vector-Jacobian products for any
+    other module). A weighting of the Gramian then gives weights, and ``output.backward(weights)``
+    performs the Jacobian descent step.
+
+    >>> import torch
+    >>> from torch.nn import Linear, MSELoss, ReLU, Sequential
+    >>> from torch.optim import SGD
+    >>> from torchjd.aggregation import UPGradWeighting
+    >>> from torchjd.autogram import Engine
+    >>>
+    >>> model = Sequential(Linear(5, 4), ReLU(), Linear(4, 1))
+    >>> optimizer = SGD(model.parameters(), lr=0.1)
+    >>> criterion = MSELoss(reduction="none")
+    >>> weighting = UPGradWeighting()
+    >>> engine = Engine(model, batch_dim=0)
+    >>>
+    >>> inputs = torch.randn(8, 16, 5)  # 8 batches of 16 samples
+    >>> targets = torch.randn(8, 16)
+    >>> for x, y in zip(inputs, targets):
+    ...     output = model(x).squeeze(dim=1)  # [16]
+    ...     losses = criterion(output, y)  # [16]
+    ...     gramian = engine.compute_gramian(losses)  # [16, 16]
+    ...     weights = weighting(gramian)  # [16]
+    ...     optimizer.zero_grad()
+    ...     losses.backward(weights)
+    ...     optimizer.step()
+
+    **Which parameters.** Every trainable parameter of the given modules (and of their
+    descendants) at construction time. Parameters elsewhere are not part of the Gramian (partial
+    Jacobian descent), but ``output.backward(weights)`` still fills their ``.grad``. A parameter
+    must be used through calls of the module that owns it (or of a module whose rule covers it, e.g.
+    ``MultiheadAttention`` for ``out_proj.weight``): a use outside those calls (a parent doing
+    ``F.linear(x, self.child.weight)``) raises a :class:`ValueError` instead of giving a wrong
+    Gramian. Modules may be called several times, share parameters, and take and return any
+    pytree of tensors and other values.
+
+    **Shapes.** For ``output`` of shape ``[m_1, ..., m_k]``, the result has shape
+    ``[m_1, ..., m_k, m_k, ..., m_1]``: the entry at ``[i_1, ..., i_k, j_k, ..., j_1]`` is the inner
+    product of the gradients of ``output[i_1, ..., i_k]`` and ``output[j_1, ..., j_k]``. Use
+    :class:`torchjd.aggregation.Flattening` to get weights of ``output``'s shape from it.
+
+    **batch_dim.** With an index, the engine uses the per-sample structure of the model: each
+    hooked module must treat the samples independently and have every tensor input and output
+    batched along dim 0 (``batch_first=True``), whatever the position of the batch in ``output``.
+    Cases where samples interact are refused with a :class:`ValueError`: batch norms normalising
+    with batch statistics (training mode, or ``track_running_stats=False``) among or after the
+    hooked modules, and hooked calls whose outputs are not batched on dim 0. Interactions that the
+    engine cannot see (e.g. a loss comparing samples) are the user's responsibility. With ``None``,
+    no such assumption is made (each entry of ``output`` gets a full backward pass' worth of
+    output gradients): exact for any model, batch norms in training mode included, but the cost
+    grows with the number of entries of ``output``.
+
+    The forward passes of the modules are never re-run: randomness (dropout), side effects and
+    in-place operations are those of the real forward pass. Exactly one :meth:`compute_gramian`
+    should follow each forward pass with gradients enabled: the engine keeps references to the
+    recorded calls (the activations autograd already saves) until the next :meth:`compute_gramian`
+    (use ``torch.no_grad()`` for evaluation passes). Calls that do not lead to ``output`` are
+    ignored. The hooks are removed when the engine is garbage-collected.
+
+    :param modules: The modules whose trainable parameters define the columns of the Jacobian.
+    :param batch_dim: The batch dimension of the tensors later given to :meth:`compute_gramian`
+        (negative values count from the end), or ``None`` to not use per-sample structure.
+    """
+
+    def __init__(self, *modules: nn.Module, batch_dim: int | None) -> None:
+        for index, module in enumerate(modules):
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"Expected every element of `modules` to be a torch.nn.Module; found "
+                    f"{type(module)} at position {index}."
+                )
+        if batch_dim is not None and (
+            not isinstance(batch_dim, int) or isinstance(batch_dim, bool)
+        ):
+            raise TypeError(f"Expected `batch_dim` to be an int or None; found {batch_dim!r}.")
+        self._batch_dim = batch_dim
+        self._coverage: Coverage = plan_coverage(modules, batched=batch_dim is not None)
+        self._recorder = Recorder()
+        handles = [
+            module.register_forward_hook(self._recorder.hook, with_kwargs=True, prepend=True)
+            for module in self._coverage.assignments
+        ]
+        # The hooks only hold the recorder, so the engine can be collected, which removes them.
+        weakref.finalize(self, _remove_hooks, handles)
+
+    def compute_gramian(self, output: Tensor) -> Tensor:
+        """Return the generalized Gramian of the Jacobian of ``output`` w.r.t. the parameters.
+
+        Runs one backward pass from ``output`` (keeping its graph, so that
+        ``output.backward(weights)`` works afterwards), then combines the per-layer blocks.
+
+        :param output: A tensor computed, with gradients enabled, by the forward pass that
+            followed the previous call to this method.
+        :returns: A tensor of shape ``[*output.shape, *reversed(output.shape)]`` and of
+            ``output``'s dtype.
+        :raises IndexError: If ``batch_dim`` is not ``None`` and is not a dimension of ``output``.
+        :raises RuntimeError: If ``output`` does not require grad, if no forward pass happened since
+            the last call, or if ``output`` does not depend on any call of the hooked modules.
+        :raises ValueError: If the engine cannot compute the Gramian exactly for this graph (see
+            the class description).
+        """
+        try:
+            differentiation = self._differentiate(output)
+            return self._gramian(differentiation)
+        finally:
+            self._recorder.paused = False
+            self._recorder.take()
+
+    def _differentiate(self, output: Tensor) -> _Differentiation:
+        """Run the backward pass giving every reachable call its output gradients, and check."""
+        if not isinstance(output, Tensor):
+            raise TypeError(f"Expected `output` to be a Tensor; found {type(output)}.")
+        batch_dim = normalize_batch_dim(output, self._batch_dim)
+        if not output.requires_grad or output.grad_fn is None:
+            raise RuntimeError(
+                "Expected `output` to be the result of a differentiable computation (to require "
+                "grad and have a grad_fn); found a tensor that does not. Was it detached, or "
+                "computed under `torch.no_grad()`?"
+            )
+        records = self._recorder.take()
+        if not records:
+            raise RuntimeError(
+                "No call of the engine's modules was recorded since the last `compute_gramian`: "
+                "run a forward pass with gradients enabled before each `compute_gramian`."
+            )
+        seeding = make_seeding(output, batch_dim)
+        self._recorder.paused = True
+        _backward_to_calls(output, records, seeding)
+        reached = [record for record in records if record.has_gradient()]
+        if not any(
+            param.requires_grad
+            for record in reached
+            for assignment in self._coverage.assignments[record.module]
+            for param in assignment.params.values()
+        ):
+            raise RuntimeError(
+                "Expected `output` to depend on the trainable parameters of the engine's modules "
+                "through calls recorded since the last `compute_gramian`; found no such call."
+            )
+        batched = batch_dim is not None
+        for record in reached:
+            self._check_record(record, seeding, batched)
+        assert output.grad_fn is not None
+        check_graph(
+            output.grad_fn,
+            reached,
+            {module: self._coverage.covered_ids(module) for module in self._coverage.assignments},
+            self._coverage.names,
+            batched,
+        )
+        calls_by_module: dict[nn.Module, list[Call]] = {}
+        for record in reached:
+            calls_by_module.setdefault(record.module, []).append(record.call)
+        return _Differentiation(seeding, batched, calls_by_module, output.dtype)
+
+    def _check_record(self, record: Record, seeding: Seeding, batched: bool) -> None:
+        module = record.module
+        for tensor, version in record.input_versions:
+            if tensor._version != version and _reads_inputs(self._coverage, module):
+                raise ValueError(
+                    f"An input of a call of a module of type {type(module)} was modified in place "
+                    "after the call: the engine reads the inputs that the module received. Avoid "
+                    "the in-place operation (e.g. use `ReLU(inplace=False)`)."
+                )
+        if not batched:
+            return
+        if record.uses_batch_statistics:
+            raise ValueError(
+                f"Found a call of a module of type {type(module)} normalising with the statistics "
+                "of the batch (training mode): samples are not independent, so the engine cannot "
+                "use per-sample structure with `batch_dim` set. Put it in eval mode, use a "
+                "per-sample normalisation (GroupNorm, LayerNorm, InstanceNorm), or use "
+                "`batch_dim=None`."
+            )
+        batch_size = seeding.batch_size
+        for tensor, grad in zip(record.call.outputs, record.call.grad_outputs):
+            if grad is not None and (tensor.ndim == 0 or tensor.shape[0] != batch_size):
+                raise ValueError(
+                    f"Expected every output of the calls of the engine's modules to be batched on "
+                    f"dim 0 (size {batch_size}, the size of `output` along `batch_dim`) when "
+                    f"`batch_dim` is not None; found an output of shape {tuple(tensor.shape)} in "
+                    f"a call of a module of type {type(module)}. Use `batch_first=True` layouts, "
+                    "or `batch_dim=None`."
+                )
+
+    def _gramian(self, differentiation: _Differentiation) -> Tensor:
+        seeding, batched = differentiation.seeding, differentiation.batched
+        num_rows = seeding.num_rows
+        dtype = differentiation.dtype
+        accumulation_dtype = torch.promote_types(dtype, torch.float32)
+        gramian: Tensor | None = None
+        shared_rows: dict[int, Tensor] = {}
+        for module, calls in differentiation.calls_by_module.items():
+            for assignment in self._coverage.assignments[module]:
+                live = [name for name, p in assignment.params.items() if p.requires_grad]
+                own = [n for n in live if id(assignment.params[n]) not in self._coverage.shared]
+                shared = [n for n in live if id(assignment.params[n]) in self._coverage.shared]
+                if own:
+                    block = assignment.rule.gramian(module, calls, own, batched)
+                    _check_block(block, num_rows, module)
+                    block = block.to(accumulation_dtype)
+                    gramian = block if gramian is None else gramian + block
+                if shared:
+                    rows = assignment.rule.per_row_gradients(module, calls, shared, batched)
+                    for name in shared:
+                        key = id(assignment.params[name])
+                        row = rows[name].to(accumulation_dtype)
+                        shared_rows[key] = row if key not in shared_rows else shared_rows[key] + row
+        for summed_rows in shared_rows.values():
+            flat = summed_rows.reshape(num_rows, -1)
+            gramian = flat @ flat.T if gramian is None else gramian + flat @ flat.T
+        assert gramian is not None
+        return to_generalized_gramian(gramian.to(dtype), seeding)
+
+
+@dataclass(eq=False)
+class _Differentiation:
+    """What one backward pass produced: each reachable call with its output gradients."""
+
+    seeding: Seeding
+    batched: bool
+    calls_by_module: dict[nn.Module, list[Call]]
+    dtype: torch.dtype
+
+
+def _remove_hooks(handles: Sequence[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+def _reads_inputs(coverage: Coverage, module: nn.Module) -> bool:
+    return any(a.rule is not FALLBACK_RULE for a in coverage.assignments.get(module, ()))
+
+
+def _check_block(block: Tensor, num_rows: int, module: nn.Module) -> None:
+    if block.shape != (num_rows, num_rows):
+        raise RuntimeError(
+            f"The Gramian rule of {type(module)} returned a block of shape {tuple(block.shape)}; "
+            f"expected ({num_rows}, {num_rows}). This is a bug in the rule."
+        )
+
+
+def _backward_to_calls(output: Tensor, records: Sequence[Record], seeding: Seeding) -> None:
+    """Fill ``grad_outputs`` of every call: ``[K, *out.shape]``, or ``None`` if not reached."""
+    targets: list[tuple[Record, int, GradientEdge, bool]] = []
+    batched_grads: Sequence[Tensor | None]
+    for record in records:
+        record.call.grad_outputs = [None] * len(record.call.outputs)
+        entry_nodes = set()
+        for index, edge in enumerate(record.call.output_edges):
+            if edge is None:
+                continue
+            tensor = record.call.outputs[index]
+            from_base = tensor._version != record.output_versions[index] and tensor._is_view()
+            if from_base:
+                base_edge = record.output_bases[index]
+                if base_edge is None:
+                    raise ValueError(
+                        f"An output of a call of a module of type {type(record.module)} is a view "
+                        "that was modified in place after the call, which hides the module's own "
+                        "graph from the engine. Avoid the in-place operation (e.g. use "
+                        "`ReLU(inplace=False)`)."
+                    )
+                edge = base_edge
+            entry_nodes.add(edge.node)
+            targets.append((record, index, edge, from_base))
+        record.entry_nodes = frozenset(entry_nodes)
+    edges = [edge for _, _, edge, _ in targets]
+    if seeding.seeds is None:
+        grads = torch.autograd.grad(
+            output,
+            edges,
+            grad_outputs=torch.ones_like(output),
+            retain_graph=True,
+            allow_unused=True,
+        )
+        batched_grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]
+    else:
+        batched_grads = _batched_grad(output, edges, seeding.seeds)
+    for (record, index, _, from_base), grad in zip(targets, batched_grads):
+        if grad is not None and from_base:
+            grad = grad.reshape(grad.shape[0], *record.call.outputs[index].shape)
+        record.call.grad_outputs[index] = grad
+
+
+def _batched_grad(
+    output: Tensor, edges: Sequence[GradientEdge], seeds: Tensor
+) -> Sequence[Tensor | None]:
+    try:
+        return torch.autograd.grad(
+            output,
+            edges,
+            grad_outputs=seeds,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError:
+        pass  # Some backward formulas cannot be batched by vmap: one seed at a time.
+    per_seed = [
+        torch.autograd.grad(output, edges, grad_outputs=seed, retain_graph=True, allow_unused=True)
+        for seed in seeds
+    ]
+    result: list[Tensor | None] = []
+    for grads in zip(*per_seed):
+        if any(grad is None for grad in grads):
+            result.append(None)
+        else:
+            result.append(torch.stack([grad for grad in grads if grad is not None]))
+    return result

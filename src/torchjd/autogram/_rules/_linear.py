@@ -1,1 +1,279 @@
-"""Placeholder: this rule is being written."""
+"""The Gramian rule of ``nn.Linear``: closed forms from the saved input and the output gradients.
+
+For a call with input ``X`` (``[B, T, a]`` once the leading dimensions between the batch and the
+features are flattened into ``T`` positions) and output gradients ``D`` (``[K, B, T, b]``), row
+``r = k * B + i`` of the Jacobian is ``D[k, i]ᵀ X[i]`` for the weight and ``Σ_t D[k, i, t]`` for the
+bias. A module called several times has rows summed over its calls, so its Gramian has cross terms.
+The weight block is computed by the cheaper exact form, chosen from the shapes:
+
+* *ghost*: ``G[r, s] = ⟨X_i X_jᵀ, D_r D_sᵀ⟩`` (``(X Xᵀ) ∘ (D Dᵀ)`` for one vector per sample),
+  ``O(T²·(B²·a + R²·b))``, never materialising a per-sample gradient;
+* *per-sample*: materialise the ``[R, b, a]`` rows and take their Gram, ``O(R·T·a·b + R²·a·b)``.
+
+In summed mode (``batch_dim=None``) each row sums over the samples: the same formulas with one
+"sample" whose positions are all the ``(i, t)``.
+
+A subclass of ``nn.Linear`` that overrides ``forward`` may compute anything: this rule then covers
+nothing, and the engine uses the exact generic fallback for its parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._base import Call, GramianRule
+from ._registry import register_rule
+
+# Bounds the elements of one chunk of the ghost form's [rows, R, T, T'] intermediate.
+_GHOST_ELEMENTS_PER_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One call: input ``[B, T, a]`` and output gradients ``[K, B, T, b]``, in compute dtype."""
+
+    inputs: Tensor
+    grads: Tensor
+
+    @property
+    def positions(self) -> int:
+        return self.inputs.shape[1]
+
+
+class LinearRule(GramianRule):
+    """Exact Jacobian rows, Gramian and weighted gradients of ``nn.Linear``'s weight and bias."""
+
+    def covered_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        if type(module).forward is not nn.Linear.forward:
+            return {}
+        covered = {}
+        for name in ("weight", "bias"):
+            value = module._parameters.get(name)
+            if isinstance(value, nn.Parameter):
+                covered[name] = value
+        return covered
+
+    def per_row_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> dict[str, Tensor]:
+        _check_params(params)
+        terms = _terms(module, calls, batched)
+        result = {}
+        if "weight" in params:
+            rows = _weight_rows(terms)
+            result["weight"] = rows.to(_dtype_of(module, "weight"))
+        if "bias" in params:
+            result["bias"] = _bias_rows(terms).to(_dtype_of(module, "bias"))
+        return {name: result[name] for name in params}
+
+    def gramian(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> Tensor:
+        _check_params(params)
+        terms = _terms(module, calls, batched)
+        with_weight, with_bias = "weight" in params, "bias" in params
+        if with_weight and len(terms) == 1 and terms[0].positions == 1:
+            return _one_vector_gramian(terms[0], with_bias)
+        gramian = None
+        if with_weight:
+            if _ghost_cost(terms) <= _per_sample_cost(terms):
+                gramian = _ghost_gramian(terms)
+            else:
+                flat = _weight_rows(terms).flatten(start_dim=1)
+                gramian = flat @ flat.T
+        if with_bias:
+            bias_rows = _bias_rows(terms)
+            bias_gramian = bias_rows @ bias_rows.T
+            gramian = bias_gramian if gramian is None else gramian + bias_gramian
+        assert gramian is not None
+        return gramian
+
+    def weighted_gradients(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        params: Sequence[str],
+        batched: bool,
+        weights: Tensor,
+    ) -> dict[str, Tensor]:
+        _check_params(params)
+        terms = _terms(module, calls, batched)
+        weight_total: Tensor | None = None
+        bias_total: Tensor | None = None
+        for term in terms:
+            num_seeds, batch_size = term.grads.shape[:2]
+            if weights.shape != (num_seeds * batch_size,):
+                raise ValueError(
+                    f"Expected `weights` to have shape ({num_seeds * batch_size},), one weight per "
+                    f"Jacobian row; found {tuple(weights.shape)}."
+                )
+            per_row = weights.to(term.grads.dtype).reshape(num_seeds, batch_size)
+            combined = torch.einsum("ki,kitb->itb", per_row, term.grads)
+            if "weight" in params:
+                part = combined.flatten(end_dim=1).T @ term.inputs.flatten(end_dim=1)
+                weight_total = part if weight_total is None else weight_total + part
+            if "bias" in params:
+                part = combined.sum(dim=(0, 1))
+                bias_total = part if bias_total is None else bias_total + part
+        result = {}
+        if weight_total is not None:
+            result["weight"] = weight_total.to(_dtype_of(module, "weight"))
+        if bias_total is not None:
+            result["bias"] = bias_total.to(_dtype_of(module, "bias"))
+        return {name: result[name] for name in params}
+
+
+register_rule(nn.Linear, LinearRule())
+
+
+def _check_params(params: Sequence[str]) -> None:
+    if not params:
+        raise ValueError("`params` should name at least one parameter.")
+    unknown = [name for name in params if name not in ("weight", "bias")]
+    if unknown:
+        raise ValueError(f"Expected `params` among ['weight', 'bias']; found {unknown}.")
+
+
+def _tensor_attribute(module: nn.Module, name: str) -> Tensor:
+    value = getattr(module, name)
+    assert isinstance(value, Tensor)
+    return value
+
+
+def _dtype_of(module: nn.Module, name: str) -> torch.dtype:
+    return _tensor_attribute(module, name).dtype
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def _terms(module: nn.Module, calls: Sequence[Call], batched: bool) -> list[_Term]:
+    in_features = _tensor_attribute(module, "weight").shape[1]
+    terms = []
+    for call in calls:
+        grad = call.grad_outputs[0] if call.grad_outputs else None
+        if grad is None:
+            continue
+        inputs = call.args[0] if call.args else call.kwargs["input"]
+        if inputs.shape[-1:] != (in_features,) or grad.shape[1:-1] != inputs.shape[:-1]:
+            raise ValueError(
+                f"Expected a Linear call with input [..., {in_features}] and output gradients "
+                f"[K, ..., out_features] with matching leading dims; found input "
+                f"{tuple(inputs.shape)} and output gradients {tuple(grad.shape)}."
+            )
+        num_seeds, out_features = grad.shape[0], grad.shape[-1]
+        if batched:
+            if inputs.ndim < 2:
+                raise ValueError(
+                    "Expected the input of a Linear layer to have a batch dimension (dim 0) when "
+                    f"`batch_dim` is not None; found an input of shape {tuple(inputs.shape)}."
+                )
+            batch_size = inputs.shape[0]
+        else:
+            batch_size = 1
+        dtype = _compute_dtype(inputs, grad)
+        terms.append(
+            _Term(
+                inputs=inputs.reshape(batch_size, -1, in_features).to(dtype),
+                grads=grad.reshape(num_seeds, batch_size, -1, out_features).to(dtype),
+            )
+        )
+    if not terms:
+        raise ValueError("Expected at least one call with an output gradient; found none.")
+    return terms
+
+
+def _weight_rows(terms: Sequence[_Term]) -> Tensor:
+    """``[R, b, a]``: the per-row weight gradients, summed over the calls."""
+    total: Tensor | None = None
+    for term in terms:
+        part = torch.einsum("kitb,ita->kiba", term.grads, term.inputs).flatten(end_dim=1)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _bias_rows(terms: Sequence[_Term]) -> Tensor:
+    """``[R, b]``: the per-row bias gradients, summed over the calls."""
+    total: Tensor | None = None
+    for term in terms:
+        part = term.grads.sum(dim=2).flatten(end_dim=1)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
+    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` (``+ 1`` for the bias), the common case of one vector per sample."""
+    num_seeds, batch_size = term.grads.shape[:2]
+    num_rows = num_seeds * batch_size
+    inputs = term.inputs[:, 0]
+    grads = term.grads.reshape(num_rows, -1)
+    inputs_gramian = inputs @ inputs.T
+    if with_bias:
+        inputs_gramian = inputs_gramian + 1
+    grads_gramian = (grads @ grads.T).reshape(num_seeds, batch_size, num_seeds, batch_size)
+    return (grads_gramian * inputs_gramian.reshape(1, batch_size, 1, batch_size)).reshape(
+        num_rows, num_rows
+    )
+
+
+def _ghost_cost(terms: Sequence[_Term]) -> int:
+    num_seeds, batch_size, _, out_features = terms[0].grads.shape
+    in_features = terms[0].inputs.shape[2]
+    num_rows = num_seeds * batch_size
+    positions = sum(term.positions for term in terms)
+    return positions**2 * (batch_size**2 * in_features + num_rows**2 * (out_features + 1))
+
+
+def _per_sample_cost(terms: Sequence[_Term]) -> int:
+    num_seeds, batch_size, _, out_features = terms[0].grads.shape
+    in_features = terms[0].inputs.shape[2]
+    num_rows = num_seeds * batch_size
+    positions = sum(term.positions for term in terms)
+    return num_rows * in_features * out_features * (positions + num_rows)
+
+
+def _ghost_gramian(terms: Sequence[_Term]) -> Tensor:
+    """``Σ_{u,v} G^{uv}`` with ``G^{uv}[r, s] = ⟨X_u,i X_v,jᵀ, D_u,r D_v,sᵀ⟩``."""
+    total: Tensor | None = None
+    for u, first in enumerate(terms):
+        part = _ghost_pair(first, first)
+        for second in terms[u + 1 :]:
+            cross = _ghost_pair(first, second)
+            part = part + cross + cross.T
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _ghost_pair(first: _Term, second: _Term) -> Tensor:
+    num_seeds, batch_size, first_positions, out_features = first.grads.shape
+    second_positions = second.positions
+    num_rows = num_seeds * batch_size
+    inputs_products = torch.einsum("ita,jsa->ijts", first.inputs, second.inputs)
+    first_grads = first.grads.reshape(num_rows, first_positions, out_features)
+    second_grads = second.grads.reshape(num_rows, second_positions, out_features)
+    chunk = max(1, _GHOST_ELEMENTS_PER_CHUNK // (num_rows * first_positions * second_positions))
+    blocks = []
+    for start in range(0, num_rows, chunk):
+        stop = min(num_rows, start + chunk)
+        rows = torch.arange(start, stop, device=first_grads.device)
+        grads_products = torch.einsum("rtb,qsb->rqts", first_grads[start:stop], second_grads)
+        grads_products = grads_products.reshape(
+            stop - start, num_seeds, batch_size, first_positions, second_positions
+        )
+        inputs_of_rows = inputs_products[rows % batch_size].unsqueeze(1)
+        block = (grads_products * inputs_of_rows).sum(dim=(-1, -2))
+        blocks.append(block.reshape(stop - start, num_rows))
+    return torch.cat(blocks)
