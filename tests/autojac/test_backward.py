@@ -442,3 +442,15 @@ def test_constant_with_wrong_number_of_weights() -> None:
     jacobian, x = _linear_map()
     with pytest.raises(ValueError, match="rows"):
         backward(jacobian @ x, Constant(torch.ones(3)))
+
+
+def test_aggregator_class_instead_of_instance() -> None:
+    jacobian, x = _linear_map()
+    with pytest.raises(TypeError, match=r"`aggregator` should be an aggregator instance"):
+        backward(jacobian @ x, Mean)  # type: ignore[arg-type]
+
+
+def test_parallel_chunk_size_of_wrong_type() -> None:
+    jacobian, x = _linear_map()
+    with pytest.raises(TypeError, match="`parallel_chunk_size` should be `None` or an int"):
+        backward(jacobian @ x, Mean(), parallel_chunk_size=2.0)  # type: ignore[arg-type]

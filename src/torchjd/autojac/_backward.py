@@ -6,7 +6,12 @@ from torch import Tensor
 
 from torchjd.aggregation._aggregator_bases import Aggregator
 
-from ._checks import as_ordered_set, as_unique_tensors, check_parallel_chunk_size
+from ._checks import (
+    as_ordered_set,
+    as_unique_tensors,
+    check_aggregator,
+    check_parallel_chunk_size,
+)
 from ._graph import find_leaves
 from ._jacobian import OneHotRows, aggregate_into_grads
 
@@ -65,6 +70,7 @@ def backward(
     if len(tensors_) == 0:
         raise ValueError("`tensors` cannot be empty")
     inputs_ = find_leaves(tensors_) if inputs is None else as_ordered_set(inputs, "inputs")
+    check_aggregator(aggregator)
     aggregate_into_grads(
         OneHotRows(tensors_), inputs_, aggregator, retain_graph, parallel_chunk_size
     )

@@ -8,10 +8,27 @@ from torch import Tensor
 
 
 def check_parallel_chunk_size(parallel_chunk_size: int | None) -> None:
+    if parallel_chunk_size is not None and not isinstance(parallel_chunk_size, int):
+        raise TypeError(
+            "`parallel_chunk_size` should be `None` or an int. Found "
+            f"`{type(parallel_chunk_size).__name__}`."
+        )
     if parallel_chunk_size is not None and parallel_chunk_size <= 0:
         raise ValueError(
             "`parallel_chunk_size` should be `None` or greater than `0`. "
             f"(got {parallel_chunk_size})"
+        )
+
+
+def check_aggregator(aggregator: object) -> None:
+    if isinstance(aggregator, type):
+        raise TypeError(
+            f"`aggregator` should be an aggregator instance (e.g. `{aggregator.__name__}()`), "
+            f"not the class `{aggregator.__name__}`."
+        )
+    if not callable(aggregator):
+        raise TypeError(
+            f"`aggregator` should be an Aggregator. Found `{type(aggregator).__name__}`."
         )
 
 

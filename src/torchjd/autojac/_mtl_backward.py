@@ -8,7 +8,12 @@ from torch import Tensor
 from torchjd.aggregation._aggregator_bases import Aggregator
 
 from ._accumulate import accumulate_grad
-from ._checks import as_ordered_set, as_unique_tensors, check_parallel_chunk_size
+from ._checks import (
+    as_ordered_set,
+    as_unique_tensors,
+    check_aggregator,
+    check_parallel_chunk_size,
+)
 from ._graph import find_leaves
 from ._jacobian import StackedRows, aggregate_into_grads
 
@@ -93,6 +98,7 @@ def mtl_backward(
     if len(losses_) != len(tasks_params_):
         raise ValueError("`losses` and `tasks_params` should have the same size.")
 
+    check_aggregator(aggregator)
     # Row i of the Jacobian w.r.t. the shared parameters is the vector-Jacobian product of the
     # features with the gradients of loss i w.r.t. the features.
     stacks = [
