@@ -208,8 +208,8 @@ def generalized_gramian(jacobian: Tensor) -> Tensor:
     shape = jacobian.shape[:-1]
     k = len(shape)
     flat = jacobian.reshape(-1, jacobian.shape[-1])
-    square = (flat @ flat.T).reshape(*shape, *shape)
-    return square.permute(*range(k), *reversed(range(k, 2 * k)))
+    square = (flat @ flat.T).reshape(tuple(shape) + tuple(shape))
+    return square.permute([*range(k), *reversed(range(k, 2 * k))])
 
 
 def random_permutation(m: int, seed: int = 0) -> Tensor:
