@@ -1,1 +1,400 @@
-"""Placeholder: this rule is being written."""
+"""Gramian rule of ``nn.MultiheadAttention``.
+
+Multi-head attention is four linear maps around a parameter-free core:
+``q, k, v = query W_qᵀ + b_q, key W_kᵀ + b_k, value W_vᵀ + b_v``, then
+``o = attention(q, k, v)`` (heads, ``bias_k``/``bias_v``, zero attention, masks) and
+``y = o W_oᵀ + b_o``. The rule recomputes the cheap internals ``q, k, v, o`` from the saved inputs
+(never calling the module), back-propagates the output gradients through the core once per seed
+to get ``∂/∂q, ∂/∂k, ∂/∂v``, and each projection is then a Linear map on a sequence: the ghost and
+per-sample forms of :mod:`._ghost` give its Gramian. ``out_proj``'s parameters are covered too,
+since the module uses them without calling ``out_proj``.
+
+With dropout in training mode the attention probabilities are random and cannot be recomputed:
+the rule then takes vector-Jacobian products on the recorded graph instead (exact, slower).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import Call, GramianRule
+from ._common import (
+    bound_arguments,
+    check_params,
+    check_weights,
+    common_batch_size,
+    gram,
+    leading_axes,
+    seed_count,
+    tensor_outputs,
+    weighted_calls,
+)
+from ._ghost import SequenceTerm, bias_per_sample, weight_gramian, weight_per_sample
+from ._recorded import recorded_rows, recorded_weighted_gradients
+from ._registry import register_rule
+
+_PROJECTIONS = ("q", "k", "v")
+
+
+@dataclass(eq=False)
+class _AttentionUse:
+    """One call, batch first: inputs, recomputed internals and gradients ``[K, B, ·, E]``."""
+
+    inputs: dict[str, Tensor]  # "q", "k", "v": query, key, value ([B, L or S, E_in])
+    input_grads: dict[str, Tensor]  # gradients of the projected q, k, v
+    attended: Tensor | None  # o, the input of the output projection, [B, L, E]
+    output_grads: Tensor | None  # gradients of y, [K, B, L, E]
+    bias_kv_grads: dict[str, Tensor]  # "bias_k", "bias_v": [K, B, 1, E]
+    same_inputs: tuple[bool, bool]  # (query is key, key is value)
+
+
+def _canonical(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Boolean masks as additive float masks, as ``multi_head_attention_forward`` does."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+def _attend(
+    module: nn.MultiheadAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias_kv: tuple[Tensor, Tensor] | None,
+    arguments: dict[str, Any],
+    batch_first_masks: tuple[Tensor | None, Tensor | None],
+) -> tuple[Tensor, Tensor | None]:
+    """The attention core of ``multi_head_attention_forward`` (dropout off), batch first.
+
+    Returns ``o`` (``[B, L, E]``, heads concatenated) and the attention weights when requested.
+    """
+    batch, target, embed = q.shape
+    heads = module.num_heads
+    head_dim = embed // heads
+    attn_mask, key_padding_mask = batch_first_masks
+    need_weights = bool(arguments["need_weights"])
+    # Like torch: a causal hint replaces the mask only when nothing else needs an explicit mask.
+    causal = bool(arguments["is_causal"]) and key_padding_mask is None and not need_weights
+    if causal:
+        attn_mask = None
+    if bias_kv is not None:
+        k = torch.cat([k, bias_kv[0]], dim=1)
+        v = torch.cat([v, bias_kv[1]], dim=1)
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    q_heads = q.view(batch, target, heads, head_dim).transpose(1, 2)
+    k_heads = k.view(batch, k.shape[1], heads, head_dim).transpose(1, 2)
+    v_heads = v.view(batch, v.shape[1], heads, head_dim).transpose(1, 2)
+    if module.add_zero_attn:
+        zeros = k_heads.new_zeros(batch, heads, 1, head_dim)
+        k_heads = torch.cat([k_heads, zeros], dim=2)
+        v_heads = torch.cat([v_heads, zeros], dim=2)
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    source = k_heads.shape[2]
+    mask: Tensor | None = None
+    if attn_mask is not None:
+        # [L, S] is shared by every sample and head; [B * H, L, S] is per sample and head.
+        shared = attn_mask.ndim == 2
+        mask = attn_mask.view(1 if shared else batch, 1 if shared else heads, target, source)
+    if key_padding_mask is not None:
+        padding = key_padding_mask.view(batch, 1, 1, source)
+        mask = padding if mask is None else mask + padding
+    if need_weights:
+        scores = (q_heads * math.sqrt(1.0 / head_dim)) @ k_heads.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        probabilities = torch.softmax(scores, dim=-1)
+        attended = probabilities @ v_heads
+        weights = probabilities.mean(dim=1) if arguments["average_attn_weights"] else probabilities
+    else:
+        attended = F.scaled_dot_product_attention(
+            q_heads, k_heads, v_heads, attn_mask=mask, is_causal=causal
+        )
+        weights = None
+    return attended.transpose(1, 2).reshape(batch, target, embed), weights
+
+
+def _projection_weights(module: nn.MultiheadAttention) -> dict[str, Tensor]:
+    if module.in_proj_weight is not None:
+        return dict(zip(_PROJECTIONS, module.in_proj_weight.chunk(3)))
+    return {"q": module.q_proj_weight, "k": module.k_proj_weight, "v": module.v_proj_weight}
+
+
+def _use_of(module: nn.MultiheadAttention, call: Call, batched: bool) -> _AttentionUse | None:
+    pairs = tensor_outputs(call)
+    output_grads = pairs[0][1]
+    weights_grads = pairs[1][1] if len(pairs) > 1 else None
+    if output_grads is None and weights_grads is None:
+        return None
+    arguments = bound_arguments(module, call)
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    same_inputs = (query is key, key is value)
+    key_padding_mask = _canonical(arguments["key_padding_mask"], query.dtype)
+    attn_mask = _canonical(arguments["attn_mask"], query.dtype)
+    if query.ndim == 2:
+        if batched:
+            raise ValueError(
+                "Expected the query of MultiheadAttention to be batched on dim 0 when "
+                f"`batch_dim` is not None; found an unbatched query of shape {tuple(query.shape)}."
+            )
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        output_grads = None if output_grads is None else output_grads.unsqueeze(1)
+        weights_grads = None if weights_grads is None else weights_grads.unsqueeze(1)
+    elif not module.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        output_grads = None if output_grads is None else output_grads.transpose(1, 2)
+    batch = query.shape[0]
+    inputs = {"q": query, "k": key, "v": value}
+    weights = _projection_weights(module)
+    biases = (
+        dict(zip(_PROJECTIONS, module.in_proj_bias.detach().chunk(3)))
+        if module.in_proj_bias is not None
+        else dict.fromkeys(_PROJECTIONS)
+    )
+    with torch.enable_grad():
+        projected = {
+            name: F.linear(inputs[name], weights[name].detach(), biases[name]).requires_grad_()
+            for name in _PROJECTIONS
+        }
+        bias_kv: dict[str, Tensor] = {}
+        if module.bias_k is not None and module.bias_v is not None:
+            # One copy per sample, so that their gradients stay per sample.
+            for name, bias in (("bias_k", module.bias_k), ("bias_v", module.bias_v)):
+                bias_kv[name] = bias.detach().expand(batch, 1, -1).clone().requires_grad_()
+        attended, attention_weights = _attend(
+            module,
+            projected["q"],
+            projected["k"],
+            projected["v"],
+            (bias_kv["bias_k"], bias_kv["bias_v"]) if bias_kv else None,
+            arguments,
+            (attn_mask, key_padding_mask),
+        )
+        targets: list[Tensor] = []
+        target_grads: list[Tensor] = []
+        if output_grads is not None:
+            targets.append(attended)
+            target_grads.append(output_grads @ module.out_proj.weight.detach())
+        if weights_grads is not None and attention_weights is not None:
+            targets.append(attention_weights)
+            target_grads.append(weights_grads)
+        sources = [projected[name] for name in _PROJECTIONS] + list(bias_kv.values())
+        seeds = target_grads[0].shape[0]
+        per_seed = [
+            torch.autograd.grad(
+                targets,
+                sources,
+                grad_outputs=[grad[seed] for grad in target_grads],
+                retain_graph=seed < seeds - 1,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            for seed in range(seeds)
+        ]
+    source_grads = [torch.stack(column) for column in zip(*per_seed)]
+    return _AttentionUse(
+        inputs=inputs,
+        input_grads=dict(zip(_PROJECTIONS, source_grads[:3])),
+        attended=attended.detach() if output_grads is not None else None,
+        output_grads=output_grads,
+        bias_kv_grads=dict(zip(bias_kv, source_grads[3:])),
+        same_inputs=same_inputs,
+    )
+
+
+def _as_grouped(grads: Tensor) -> Tensor:
+    """Gradients ``[K, B, T, b]`` in the layout of :mod:`._ghost`, ``[K, B, 1, b, T]`` (a view)."""
+    return grads.transpose(2, 3).unsqueeze(2)
+
+
+def _term(inputs: Tensor, grads: Tensor) -> SequenceTerm:
+    """A projection as a sequence term: inputs ``[B, T, a]``, gradients ``[K, B, T, b]``."""
+    return SequenceTerm(inputs.transpose(1, 2).unsqueeze(1), _as_grouped(grads))
+
+
+def _projection_terms(uses: Sequence[_AttentionUse], names: Sequence[str]) -> list[SequenceTerm]:
+    """Terms of the projections ``names`` stacked along their output features.
+
+    Valid when the projections read the same input (self-attention): their weights are then
+    stacked rows of one matrix applied to that input, one term instead of several.
+    """
+    terms = []
+    for use in uses:
+        grads = [use.input_grads[name] for name in names]
+        stacked = grads[0] if len(grads) == 1 else torch.cat(grads, dim=-1)
+        terms.append(_term(use.inputs[names[0]], stacked))
+    return terms
+
+
+def _groups_sharing_inputs(uses: Sequence[_AttentionUse]) -> list[tuple[str, ...]]:
+    """The projections grouped by shared input tensor, for every call."""
+    if all(use.same_inputs == (True, True) for use in uses):
+        return [("q", "k", "v")]
+    if all(use.same_inputs[1] for use in uses):
+        return [("q",), ("k", "v")]
+    return [("q",), ("k",), ("v",)]
+
+
+def _out_terms(uses: Sequence[_AttentionUse]) -> list[SequenceTerm]:
+    return [
+        _term(use.attended, use.output_grads)
+        for use in uses
+        if use.attended is not None and use.output_grads is not None
+    ]
+
+
+class MultiheadAttentionRule(GramianRule):
+    """Rows, Gramian and weighted gradients of every parameter of a ``MultiheadAttention``."""
+
+    def check(self, module: nn.Module, batched: bool) -> None:
+        if batched and isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+            raise ValueError(
+                "Found a module of type MultiheadAttention with `batch_first=False`, whose inputs "
+                "and outputs have their samples on dim 1, which is incompatible with `batch_dim` "
+                "not None. Create it with `batch_first=True` or use `batch_dim=None`."
+            )
+
+    def covered_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        covered = dict(module.named_parameters(recurse=False))
+        out_proj = module.get_submodule("out_proj")
+        for name, parameter in out_proj.named_parameters(recurse=False):
+            covered[f"out_proj.{name}"] = parameter
+        return covered
+
+    def per_row_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> dict[str, Tensor]:
+        attention = self._prepare(module, params, batched)
+        if _random(attention):
+            return recorded_rows(module, calls, params, batched, leading_axes)
+        uses = _uses(attention, calls, batched)
+        seeds, batch = _shape(uses)
+        rows_count = seeds * batch if batched else seeds
+        result: dict[str, Tensor] = {}
+        for name in params:
+            parameter = module.get_parameter(name)
+            if name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                names = _PROJECTIONS if name == "in_proj_weight" else (name[0],)
+                blocks = [
+                    weight_per_sample(_projection_terms(uses, (projection,)), batched)
+                    for projection in names
+                ]
+                rows = torch.cat([block.squeeze(1) for block in blocks], dim=1)
+            elif name == "in_proj_bias":
+                blocks = [
+                    bias_per_sample([_as_grouped(use.input_grads[p]) for use in uses], batched)
+                    for p in _PROJECTIONS
+                ]
+                rows = torch.cat(blocks, dim=-1)
+            elif name in ("bias_k", "bias_v"):
+                grads = [use.bias_kv_grads[name] for use in uses]
+                rows = bias_per_sample([_as_grouped(g) for g in grads], batched)
+            elif name == "out_proj.weight":
+                terms = _out_terms(uses)
+                rows = (
+                    weight_per_sample(terms, batched).squeeze(1)
+                    if terms
+                    else parameter.new_zeros(rows_count, *parameter.shape)
+                )
+            else:  # out_proj.bias
+                grads = [use.output_grads for use in uses if use.output_grads is not None]
+                rows = (
+                    bias_per_sample([_as_grouped(g) for g in grads], batched)
+                    if grads
+                    else parameter.new_zeros(rows_count, *parameter.shape)
+                )
+            result[name] = rows.reshape(rows_count, *parameter.shape)
+        return result
+
+    def gramian(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> Tensor:
+        attention = self._prepare(module, params, batched)
+        if _random(attention):
+            rows = recorded_rows(module, calls, params, batched, leading_axes)
+            return gram(list(rows.values()))
+        uses = _uses(attention, calls, batched)
+        parts: list[Tensor] = []
+        small = [
+            name for name in params if not name.endswith("_weight") and name != "out_proj.weight"
+        ]
+        for name in params:
+            if name == "in_proj_weight":
+                for group in _groups_sharing_inputs(uses):
+                    parts.append(weight_gramian(_projection_terms(uses, group), batched))
+            elif name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                parts.append(weight_gramian(_projection_terms(uses, (name[0],)), batched))
+            elif name == "out_proj.weight":
+                terms = _out_terms(uses)
+                if terms:
+                    parts.append(weight_gramian(terms, batched))
+        if small:
+            rows = self.per_row_gradients(module, calls, small, batched)
+            parts.append(gram(list(rows.values())))
+        if not parts:
+            seeds, batch = _shape(uses)
+            count = seeds * batch if batched else seeds
+            return uses[0].inputs["q"].new_zeros(count, count)
+        return sum(parts[1:], parts[0])
+
+    def weighted_gradients(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        params: Sequence[str],
+        batched: bool,
+        weights: Tensor,
+    ) -> dict[str, Tensor]:
+        attention = self._prepare(module, params, batched)
+        if _random(attention):
+            return recorded_weighted_gradients(
+                module, calls, params, batched, weights, leading_axes
+            )
+        grads = [g for call in calls for _, g in tensor_outputs(call) if g is not None]
+        if not grads:
+            raise ValueError("Expected at least one call with an output gradient; found none.")
+        check_weights(weights, seed_count(calls), grads[0].shape[1], batched)
+        combined = weighted_calls(calls, weights, batched, leading_axes)
+        rows = self.per_row_gradients(module, combined, params, batched=False)
+        return {name: row[0] for name, row in rows.items()}
+
+    def _prepare(
+        self, module: nn.Module, params: Sequence[str], batched: bool
+    ) -> nn.MultiheadAttention:
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"Expected a MultiheadAttention; found {type(module).__name__}.")
+        self.check(module, batched)
+        check_params(params, list(self.covered_parameters(module)), module)
+        return module
+
+
+def _random(module: nn.MultiheadAttention) -> bool:
+    return module.training and module.dropout > 0.0
+
+
+def _uses(
+    module: nn.MultiheadAttention, calls: Sequence[Call], batched: bool
+) -> list[_AttentionUse]:
+    seed_count(calls)
+    uses = [use for call in calls if (use := _use_of(module, call, batched)) is not None]
+    if batched:
+        common_batch_size([use.inputs["q"].shape[0] for use in uses], module)
+    return uses
+
+
+def _shape(uses: Sequence[_AttentionUse]) -> tuple[int, int]:
+    """``(K, B)``, the seeds and the batch size of the uses."""
+    grads = uses[0].input_grads["q"]
+    return grads.shape[0], grads.shape[1]
+
+
+register_rule(nn.MultiheadAttention, MultiheadAttentionRule())

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from _rule_reference import Use, assert_rule_matches, record_calls, reference_rows, trainable
+from torch import Tensor, nn
+
+from torchjd.autogram._rules import Call, find_rule
+from torchjd.autogram._rules._attention import MultiheadAttentionRule
+
+F64 = torch.float64
+
+
+def _slicer(heads: int) -> Callable[[Call, int], tuple[tuple[Any, ...], dict[str, Any]]]:
+    """One sample of a batch-first call; a 3-D ``attn_mask`` holds ``heads`` rows per sample."""
+
+    def slice_sample(call: Call, sample: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args = tuple(arg[sample : sample + 1] for arg in call.args)
+        kwargs = dict(call.kwargs)
+        if kwargs.get("key_padding_mask") is not None:
+            kwargs["key_padding_mask"] = kwargs["key_padding_mask"][sample : sample + 1]
+        mask = kwargs.get("attn_mask")
+        if mask is not None and mask.ndim == 3:
+            kwargs["attn_mask"] = mask[sample * heads : (sample + 1) * heads]
+        return args, kwargs
+
+    return slice_sample
+
+
+def _causal(length: int, source: int) -> Tensor:
+    return torch.ones(length, source, dtype=torch.bool).triu(1)
+
+
+def _case(index: int, batch: int, generator: torch.Generator) -> tuple[nn.Module, list[Use]]:
+    """A module and its uses; the inputs depend on the configuration."""
+    torch.manual_seed(index)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=F64)
+
+    if index == 0:  # self-attention, weights returned (and differentiated)
+        module = nn.MultiheadAttention(8, 2, batch_first=True)
+        x = randn(batch, 5, 8)
+        uses = [Use((x, x, x))]
+    elif index == 1:  # cross-attention with kdim/vdim, no weights
+        module = nn.MultiheadAttention(8, 4, kdim=5, vdim=3, batch_first=True)
+        uses = [Use((randn(batch, 4, 8), randn(batch, 6, 5), randn(batch, 6, 3)),
+                    {"need_weights": False})]  # fmt: skip
+    elif index == 2:  # bias_k/bias_v, no bias, key is value, boolean key padding mask
+        module = nn.MultiheadAttention(6, 2, bias=False, add_bias_kv=True, batch_first=True)
+        kv = randn(batch, 5, 6)
+        padding = torch.zeros(batch, 5, dtype=torch.bool)
+        padding[:, -2:] = True
+        uses = [Use((randn(batch, 3, 6), kv, kv), {"key_padding_mask": padding})]
+    elif index == 3:  # zero attention, float masks, per-head weights
+        module = nn.MultiheadAttention(8, 2, add_bias_kv=True, add_zero_attn=True,
+                                       batch_first=True)  # fmt: skip
+        x = randn(batch, 4, 8)
+        kwargs = {
+            "attn_mask": randn(4, 4),
+            "key_padding_mask": randn(batch, 4),
+            "average_attn_weights": False,
+        }
+        uses = [Use((x, x, x), kwargs)]
+    elif index == 4:  # causal hint, used twice (module reuse) with different lengths
+        module = nn.MultiheadAttention(4, 1, batch_first=True)
+        first, second = randn(batch, 4, 4), randn(batch, 3, 4)
+        uses = [
+            Use((first, first, first),
+                {"attn_mask": _causal(4, 4), "is_causal": True, "need_weights": False}),
+            Use((second, second, second), {"attn_mask": _causal(3, 3)}),
+        ]  # fmt: skip
+    else:  # a per-sample, per-head boolean mask; out_proj frozen
+        module = nn.MultiheadAttention(6, 3, batch_first=True)
+        module.out_proj.requires_grad_(False)
+        x = randn(batch, 4, 6)
+        mask = torch.rand(batch * 3, 4, 4, generator=generator) < 0.3
+        mask[:, :, 0] = False  # every query attends to something
+        uses = [Use((x, x, x), {"attn_mask": mask, "need_weights": False})]
+    return module.double(), uses
+
+
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("batched", [True, False])
+def test_matches_reference(index: int, batched: bool) -> None:
+    generator = torch.Generator().manual_seed(index)
+    batch, seeds = (3, 2) if index % 2 else (2, 1)
+    module, uses = _case(index, batch, generator)
+    calls = record_calls(module, uses, seeds, generator)
+    rule = find_rule(module)
+    assert isinstance(rule, MultiheadAttentionRule)
+    params = trainable(module, rule)
+
+    expected = reference_rows(module, calls, params, batched, _slicer(module.num_heads))
+    assert_rule_matches(rule, module, calls, params, batched, expected, generator, 1e-8, 1e-9)
+
+
+@pytest.mark.parametrize("unbatched", [True, False])
+def test_batch_first_false_and_unbatched_in_summed_mode(unbatched: bool) -> None:
+    torch.manual_seed(0)
+    module = nn.MultiheadAttention(6, 2, kdim=4, vdim=4, add_bias_kv=True).double()
+    generator = torch.Generator().manual_seed(1)
+    batch_shape = () if unbatched else (3,)
+    query = torch.randn(5, *batch_shape, 6, generator=generator, dtype=F64)
+    key = torch.randn(4, *batch_shape, 4, generator=generator, dtype=F64)
+    padding = torch.tensor([False, False, True, False]).expand(*batch_shape, 4)
+    calls = record_calls(module, [Use((query, key, key), {"key_padding_mask": padding})], 2,
+                         generator)  # fmt: skip
+    rule = MultiheadAttentionRule()
+    params = trainable(module, rule)
+    expected = reference_rows(module, calls, params, False)
+    assert_rule_matches(rule, module, calls, params, False, expected, generator, 1e-8, 1e-9)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        rule.check(module, batched=True)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        rule.gramian(module, calls, params, batched=True)
+
+
+def test_covers_out_proj_parameters() -> None:
+    module = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+    covered = MultiheadAttentionRule().covered_parameters(module)
+    assert set(covered) == {
+        "in_proj_weight", "in_proj_bias", "bias_k", "bias_v", "out_proj.weight", "out_proj.bias"
+    }  # fmt: skip
+    assert covered["out_proj.weight"] is module.out_proj.weight
+
+
+def test_float32_self_attention_with_the_ghost_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchjd.autogram._rules._attention as attention
+    from torchjd.autogram._rules._ghost import ghost_gramian
+
+    monkeypatch.setattr(attention, "weight_gramian", ghost_gramian)
+    torch.manual_seed(0)
+    module = nn.MultiheadAttention(8, 2, batch_first=True)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 8, generator=generator)
+    y = torch.randn(3, 2, 8, generator=generator)
+    uses = [Use((x, x, x)), Use((y, x, x), {"need_weights": False})]
+    calls = record_calls(module, uses, 2, generator)
+    params = trainable(module, MultiheadAttentionRule())
+    for batched in (True, False):
+        expected = reference_rows(module, calls, params, batched, _slicer(2))
+        assert_rule_matches(
+            MultiheadAttentionRule(), module, calls, params, batched, expected, generator, 1e-4,
+            1e-5,
+        )  # fmt: skip
+
+
+class _SeededAttention(nn.MultiheadAttention):
+    """Draws the same dropout masks at every forward, so that a reference can re-run it."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        torch.manual_seed(123)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_dropout_in_training_mode_uses_the_recorded_graph(batched: bool) -> None:
+    torch.manual_seed(0)
+    module = _SeededAttention(6, 2, dropout=0.5, batch_first=True).double()
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 6, generator=generator, dtype=F64)
+    calls = record_calls(module, [Use((x, x, x))], 2, generator)
+    rule = find_rule(module)
+    assert isinstance(rule, MultiheadAttentionRule)
+    params = trainable(module, rule)
+    # A row re-runs the whole batch (same masks) and keeps one sample's output gradients.
+    expected = reference_rows(module, calls, params, batched, rerun_per_sample=False)
+    assert_rule_matches(rule, module, calls, params, batched, expected, generator, 1e-8, 1e-9)
