@@ -250,6 +250,8 @@ def _jacobian_blocks(
             blocks = [torch.empty((m, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
         for block, chunk_block in zip(blocks, chunk_blocks):
             block[start:stop].copy_(chunk_block)
+        # The list is shared with the generator: emptying it frees the chunk before the next.
+        chunk_blocks.clear()
     return blocks
 
 
@@ -286,9 +288,10 @@ def _generic(
         for i, size in enumerate(sizes):
             matrix[start:stop, column : column + size].copy_(chunk_blocks[i].reshape(-1, size))
             column += size
-            # Drop each block once copied, so that the chunk is released progressively.
+            # Drop each block once copied, so that the chunk is released progressively (the
+            # list is shared with the generator).
             chunk_blocks[i] = chunk_blocks[i].new_empty(0)
-        del chunk_blocks
+        chunk_blocks.clear()
     if matrix is None:  # No rows at all.
         matrix = torch.zeros((0, n_columns), dtype=dtype, device=device)
 
