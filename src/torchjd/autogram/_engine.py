@@ -105,6 +105,8 @@ class Engine:
         self._batch_dim = batch_dim
         self._coverage: Coverage = plan_coverage(modules, batched=batch_dim is not None)
         self._recorder = Recorder()
+        # Marks the graphs already differentiated, in their root node (no reference to the graph).
+        self._marker_key = f"torchjd.autogram.Engine.{id(self._recorder)}"
         handles = [
             module.register_forward_hook(self._recorder.hook, with_kwargs=True, prepend=True)
             for module in self._coverage.assignments
@@ -146,16 +148,37 @@ class Engine:
                 "grad and have a grad_fn); found a tensor that does not. Was it detached, or "
                 "computed under `torch.no_grad()`?"
             )
+        root = output.grad_fn
+        assert root is not None
+        if root.metadata.get(self._marker_key, False):
+            raise RuntimeError(
+                "`compute_gramian` was already called on this output, and the calls recorded "
+                "during its forward pass were used then: run a new forward pass."
+            )
+        root.metadata[self._marker_key] = True
         records = self._recorder.take()
+        seeding = make_seeding(output, batch_dim)
+        batched = batch_dim is not None
+        self._recorder.paused = True
+        if records:
+            _backward_to_calls(output, records, seeding)
+        reached = [record for record in records if record.has_gradient()]
+        # Before anything else: a parameter used outside the calls that cover it may be the very
+        # reason why no call was reached. Without any record (e.g. a graph already used by a
+        # previous `compute_gramian`), every use would look uncovered: only the rest is checked.
+        check_graph(
+            root,
+            reached,
+            {module: self._coverage.covered_ids(module) for module in self._coverage.assignments},
+            self._coverage.names if records else {},
+            batched,
+        )
         if not records:
             raise RuntimeError(
                 "No call of the engine's modules was recorded since the last `compute_gramian`: "
-                "run a forward pass with gradients enabled before each `compute_gramian`."
+                "run a forward pass with gradients enabled before each `compute_gramian`, in "
+                "which the modules are called (not only their parameters used)."
             )
-        seeding = make_seeding(output, batch_dim)
-        self._recorder.paused = True
-        _backward_to_calls(output, records, seeding)
-        reached = [record for record in records if record.has_gradient()]
         if not any(
             param.requires_grad
             for record in reached
@@ -166,17 +189,8 @@ class Engine:
                 "Expected `output` to depend on the trainable parameters of the engine's modules "
                 "through calls recorded since the last `compute_gramian`; found no such call."
             )
-        batched = batch_dim is not None
         for record in reached:
             self._check_record(record, seeding, batched)
-        assert output.grad_fn is not None
-        check_graph(
-            output.grad_fn,
-            reached,
-            {module: self._coverage.covered_ids(module) for module in self._coverage.assignments},
-            self._coverage.names,
-            batched,
-        )
         calls_by_module: dict[nn.Module, list[Call]] = {}
         for record in reached:
             calls_by_module.setdefault(record.module, []).append(record.call)
