@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -150,12 +151,14 @@ class Engine:
             )
         root = output.grad_fn
         assert root is not None
-        if root.metadata.get(self._marker_key, False):
+        # Typed as a method in torch's stubs; a dict property at runtime.
+        metadata = cast(dict[str, bool], root.metadata)
+        if metadata.get(self._marker_key, False):
             raise RuntimeError(
                 "`compute_gramian` was already called on this output, and the calls recorded "
                 "during its forward pass were used then: run a new forward pass."
             )
-        root.metadata[self._marker_key] = True
+        metadata[self._marker_key] = True
         records = self._recorder.take()
         seeding = make_seeding(output, batch_dim)
         batched = batch_dim is not None
