@@ -49,6 +49,7 @@ def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
     return (1e-4, 1e-5) if dtype == torch.float32 else (1e-10, 1e-11)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -146,3 +147,11 @@ def test_mismatched_batch_sizes_are_refused() -> None:
     calls = record_calls(module, uses, 1, generator)
     with pytest.raises(ValueError, match="same batch size"):
         ConvRule().gramian(module, calls, ["weight"], batched=True)
+
+
+@pytest.mark.parametrize("module_type", [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LazyConv2d])
+def test_registered(module_type: type[nn.Module]) -> None:
+    module = module_type(2, 2, 1) if module_type is not nn.LazyConv2d else module_type(2, 1)
+    assert isinstance(find_rule(module), ConvRule)
+    # Transposed convolutions are another map: not this rule's.
+    assert not isinstance(find_rule(nn.ConvTranspose2d(2, 2, 1)), ConvRule)

@@ -141,3 +141,13 @@ def test_layer_norm_reused_with_different_shapes() -> None:
         assert_rule_matches(
             rule, module, calls, ["weight", "bias"], batched, expected, generator, 1e-10, 1e-11
         )
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.LayerNorm(2), nn.RMSNorm(2), nn.GroupNorm(1, 2), nn.BatchNorm1d(2), nn.BatchNorm2d(2),
+     nn.BatchNorm3d(2), nn.SyncBatchNorm(2), nn.InstanceNorm1d(2, affine=True),
+     nn.InstanceNorm2d(2, affine=True), nn.InstanceNorm3d(2, affine=True)],
+)  # fmt: skip
+def test_registered(module: nn.Module) -> None:
+    assert isinstance(find_rule(module), NormRule)

@@ -129,3 +129,8 @@ def test_rows_of_a_frozen_subset() -> None:
     assert_rule_matches(rule, module, calls, params, True, expected, generator, 1e-9, 1e-10)
     rows: dict[str, Tensor] = rule.per_row_gradients(module, calls, params, True)
     assert all(row.shape[0] == 4 for row in rows.values())
+
+
+@pytest.mark.parametrize("module_type", [nn.RNN, nn.LSTM, nn.GRU])
+def test_registered(module_type: type[nn.RNNBase]) -> None:
+    assert isinstance(find_rule(module_type(2, 2)), RNNRule)
