@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from _autogram_rows import gram, record, reference_rows
 from torch import Tensor, nn
 
-from torchjd.autogram._rules import find_rule
 from torchjd.autogram._rules import _linear as linear_module
+from torchjd.autogram._rules import find_rule
 from torchjd.autogram._rules._linear import LinearRule
 
 RULE = LinearRule()
