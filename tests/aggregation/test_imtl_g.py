@@ -11,15 +11,11 @@ from _asserts import (
     assert_weighting_permutation_equivariant,
     assert_zero_for_zero_matrix,
 )
-from _matrices import G_BASE, J_BASE, matrices, sample
+from _matrices import G_BASE, J_BASE, SCALES, matrices, sample
 from hypothesis import given, settings
 from torch import Tensor
 
 from torchjd.aggregation import IMTLG, IMTLGWeighting
-
-# |Σ v| < 1e-12 (an absolute threshold, as in the reference) zeroes the weights, and v scales like
-# 1 / ‖J‖: the properties below hold for entries up to about 1e6.
-_SCALES = (1e-12, 1e-6, 1.0, 1e6)
 
 
 def test_reference_values() -> None:
@@ -42,7 +38,7 @@ def test_repr() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(matrices(min_rows=1, max_rows=8, min_cols=8, max_cols=16, kinds=("full",), scales=_SCALES))
+@given(matrices(min_rows=1, max_rows=8, min_cols=8, max_cols=16, kinds=("full",), scales=SCALES))
 def test_equal_projections_on_unit_rows(matrix: Tensor) -> None:
     # For linearly independent rows, the result has the same projection on every unit row (its
     # sign is that of the sum of the unnormalised weights, which may be negative).
@@ -50,6 +46,14 @@ def test_equal_projections_on_unit_rows(matrix: Tensor) -> None:
     projections = matrix @ result / matrix.norm(dim=1)
     assert_close(projections, projections.mean().expand_as(projections), atol=0.0, rtol=1e-6)
     assert_close(IMTLG().weighting(matrix).sum(), torch.tensor(1.0, dtype=matrix.dtype), atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e12, 1e15])
+def test_extreme_scales_are_not_zeroed(scale: float) -> None:
+    # The reference zeroed the weights when |Σ v| < 1e-12, i.e. for every Jacobian of norm above
+    # about 1e12; the threshold is relative to ‖J‖ here.
+    matrix = sample("full", 3, 5, seed=0)
+    assert_close(IMTLG()(scale * matrix), scale * IMTLG()(matrix), atol=0.0, rtol=1e-9)
 
 
 def test_duplicated_rows_do_not_change_the_result() -> None:
@@ -60,7 +64,7 @@ def test_duplicated_rows_do_not_change_the_result() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(matrices(min_rows=1, max_rows=16, max_cols=16, scales=_SCALES))
+@given(matrices(min_rows=1, max_rows=16, max_cols=16, scales=SCALES))
 def test_invariances(matrix: Tensor) -> None:
     assert_permutation_invariant(IMTLG(), matrix, n_permutations=2, rtol=1e-6)
     assert_scale_equivariant(IMTLG(), matrix, factors=(1e-3, 1e3), rtol=1e-6)

@@ -21,7 +21,8 @@ class AlignedMTLWeighting(Weighting[PSDMatrix]):
     range of ``J``. ``B = I`` for a zero Gramian. ``eps`` is the machine epsilon of the *default*
     dtype (``torch.finfo()``), whatever the Gramian's dtype, as in the reference implementation.
 
-    Computed without host synchronisation: the rank is used through masks, not as a Python int.
+    The rank is used through masks, not as a Python int; the only host synchronisation is the
+    one :func:`torch.linalg.eigh` makes on CUDA to check its convergence.
     The weights are differentiable through :func:`torch.linalg.eigh`, whose gradient is undefined
     (NaN) when ``G`` has repeated eigenvalues (e.g. a zero Gramian).
 

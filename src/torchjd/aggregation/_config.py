@@ -18,7 +18,8 @@ class ConFIG(Aggregator):
     With ``Û`` the matrix of unit-norm rows (zero rows stay zero) and ``w`` the preference weights
     (``1`` each by default), the direction is ``û = d / ‖d‖`` with ``d = pinv(Û) w``, and the
     result is ``(Σ_i g_iᵀ û) û``. Raises :class:`~torchjd.aggregation.NonDifferentiableError` if
-    differentiated through.
+    differentiated through. The only host synchronisation is the one :func:`torch.linalg.pinv`
+    makes on CUDA.
 
     The reference implementation did not check the number of dimensions of its input; this one
     raises (``IndexError`` below 2 dimensions, ``RuntimeError`` above, the error types that the

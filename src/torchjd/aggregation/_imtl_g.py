@@ -18,7 +18,11 @@ class IMTLGWeighting(Weighting[PSDMatrix]):
     With ``d`` the vector of row norms (``sqrt(diag(G))``), the weights are ``v / sum(v)`` where
     ``v = pinv(G) d``: for linearly independent rows, the combination then has the same projection
     on every unit-norm row. Linearly dependent rows are handled by the pseudo-inverse. When
-    ``|sum(v)| < 1e-12`` (e.g. a zero Gramian) the weights are zeros.
+    ``|sum(v)| · sqrt(trace(G)) < 1e-12`` (e.g. a zero Gramian) the weights are zeros. (The
+    reference implementation compared ``|sum(v)|`` itself with ``1e-12``; as ``v`` scales like
+    ``1 / ‖J‖``, that silently zeroed the weights of every Jacobian of norm above about ``1e12``.
+    Multiplying by ``‖J‖_F = sqrt(trace(G))`` makes the test independent of the scale.)
+    The only host synchronisation is the one :func:`torch.linalg.pinv` makes on CUDA.
 
     >>> import torch
     >>> from torchjd.aggregation import IMTLGWeighting
@@ -32,7 +36,7 @@ class IMTLGWeighting(Weighting[PSDMatrix]):
         norms = gramian.diagonal().clamp(min=0).sqrt()
         unnormalized = torch.linalg.pinv(gramian) @ norms
         total = unnormalized.sum()
-        negligible = total.abs() < _SUM_EPS
+        negligible = total.abs() * norms.square().sum().sqrt() < _SUM_EPS
         safe_total = torch.where(negligible, torch.ones_like(total), total)
         return torch.where(negligible, torch.zeros_like(unnormalized), unnormalized / safe_total)
 

@@ -64,12 +64,15 @@ def _frank_wolfe(
     alpha = torch.ones(m, dtype=gramian.dtype, device=gramian.device) / m
     converged = torch.zeros((), dtype=torch.bool, device=gramian.device)
     indices = torch.arange(m, device=gramian.device)
+    diagonal = gramian.diagonal()
     for _ in range(max_iters):
         gramian_alpha = gramian @ alpha
-        target = torch.argmin(gramian_alpha)
-        a = gramian_alpha[target]  # αᵀ G e_t (G is symmetric)
+        # The vertex e_t is used as a one-hot vector rather than through indexing: indexing with a
+        # 0-d device tensor would read the index on the host.
+        vertex = (indices == torch.argmin(gramian_alpha)).to(gramian.dtype)
+        a = gramian_alpha @ vertex  # αᵀ G e_t (G is symmetric)
         b = alpha @ gramian_alpha  # αᵀ G α
-        c = gramian[target, target]  # e_tᵀ G e_t
+        c = diagonal @ vertex  # e_tᵀ G e_t
         interior = (c > a) & (b > a)
         # The denominator is only positive where `interior` holds; elsewhere it is replaced so that
         # the discarded branch does not produce NaNs (which would poison gradients).
@@ -79,7 +82,6 @@ def _frank_wolfe(
             torch.ones_like(a),
             torch.where(b <= a, torch.zeros_like(a), (b - a) / denominator),
         )
-        vertex = (indices == target).to(gramian.dtype)
         updated_alpha = (1 - gamma) * alpha + gamma * vertex
         if stop_on_host:
             alpha = updated_alpha

@@ -45,7 +45,7 @@ class PCGradWeighting(Weighting[PSDMatrix]):
             conflicting = (others != rows) & (inner_products < 0)
             # A conflicting g_j has a positive squared norm; the others get a harmless 1.
             safe_squared_norms = torch.where(
-                conflicting, diagonal[others], torch.ones_like(inner_products)
+                conflicting, diagonal.index_select(0, others), torch.ones_like(inner_products)
             )
             corrections = torch.where(
                 conflicting, inner_products / safe_squared_norms, torch.zeros_like(inner_products)
