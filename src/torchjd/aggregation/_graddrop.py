@@ -38,7 +38,9 @@ class GradDrop(Aggregator):
     tensor([6., 2., 2.])
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None):
+    def __init__(
+        self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None
+    ) -> None:
         super().__init__()
         if leak is not None and leak.dim() != 1:
             raise ValueError(
