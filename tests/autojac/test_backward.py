@@ -454,3 +454,40 @@ def test_parallel_chunk_size_of_wrong_type() -> None:
     jacobian, x = _linear_map()
     with pytest.raises(TypeError, match="`parallel_chunk_size` should be `None` or an int"):
         backward(jacobian @ x, Mean(), parallel_chunk_size=2.0)  # type: ignore[arg-type]
+
+
+def _embedding_losses() -> tuple[nn.Embedding, Tensor]:
+    embedding = nn.Embedding(10, 3, sparse=True)
+    losses = embedding(torch.tensor([1, 2, 1])).sum(dim=1) * torch.tensor([1.0, 2.0, 3.0])
+    return embedding, losses
+
+
+@pytest.mark.parametrize("name", ["Mean", "SolveAggregator", "ColumnMedian"])
+def test_sparse_gradients_one_row_at_a_time(name: str) -> None:
+    embedding, losses = _embedding_losses()
+    jacobian = torch.zeros(3, 10, 3)
+    jacobian[0, 1], jacobian[1, 2], jacobian[2, 1] = 1.0, 2.0, 3.0
+    aggregator = AGGREGATOR_FACTORIES[name]()
+    backward(losses, aggregator, parallel_chunk_size=1)
+    assert embedding.weight.grad is not None
+    expected = aggregator(jacobian.reshape(3, 30)).reshape(10, 3)
+    assert_close(embedding.weight.grad.to_dense(), expected)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_sparse_gradients_under_vmap_suggest_one_row_at_a_time() -> None:
+    _, losses = _embedding_losses()
+    with pytest.raises(RuntimeError, match="parallel_chunk_size=1"):
+        backward(losses, ColumnMedian())
+
+
+def test_output_as_input() -> None:
+    p = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    y = p * 2
+    y.retain_grad()
+    for chunk_size in CHUNK_SIZES:
+        aggregator, recorder = recorded(Sum())
+        y.grad = None
+        backward(y, aggregator, inputs=[y], parallel_chunk_size=chunk_size, retain_graph=True)
+        assert_close(recorder.matrices[0], torch.eye(3))
+        assert_close(y.grad, torch.ones(3))

@@ -26,7 +26,8 @@ def accumulate_grad(tensor: Tensor, grad: Tensor, *, owned: bool = False) -> Non
         # Inputs of mixed dtypes share one promoted Jacobian; each .grad keeps its input's dtype.
         grad = grad.to(dtype=tensor.dtype, device=tensor.device)
         owned = True
-    grad = grad.reshape(tensor.shape)
+    if grad.shape != tensor.shape:
+        grad = grad.reshape(tensor.shape)
     with torch.no_grad():
         if tensor.grad is None:
             tensor.grad = grad if owned else grad.clone()

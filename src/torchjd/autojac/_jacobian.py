@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.modules.module as torch_module
@@ -173,6 +173,21 @@ def _promoted_dtype(inputs: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
+def _vectorized(fn: Callable[..., Any], *args: Tensor) -> Any:
+    """``torch.vmap(fn)(*args)``, with a hint at the workaround when vmap fails."""
+    try:
+        return torch.vmap(fn)(*args)
+    except RuntimeError as error:
+        message = str(error)
+        if any(word in message.lower() for word in ("vmap", "batch", "sparse")):
+            raise RuntimeError(
+                f"{message}\nThe Jacobian rows are computed in parallel with `torch.vmap`, which "
+                "does not support every graph (e.g. compiled functions, RNNs on CUDA, sparse "
+                "gradients). Pass `parallel_chunk_size=1` to compute them one by one."
+            ) from error
+        raise
+
+
 def _vjp(
     outputs: tuple[Tensor, ...],
     inputs: Sequence[Tensor],
@@ -186,47 +201,87 @@ def _vjp(
         grads = torch.autograd.grad(
             outputs, inputs, chunk_cotangents, retain_graph=retain_graph, allow_unused=True
         )
-        return tuple(
-            torch.zeros_like(x) if grad is None else grad for grad, x in zip(grads, inputs)
-        )
+        return tuple(_dense_grad(grad, x) for grad, x in zip(grads, inputs))
 
-    n_rows = cotangents[0].shape[0]
-    if n_rows == 1:
+    if cotangents[0].shape[0] == 1:
         return [block.unsqueeze(0) for block in vjp(*(c[0] for c in cotangents))]
-    try:
-        return list(torch.vmap(vjp)(*cotangents))
-    except RuntimeError as error:
-        message = str(error)
-        if "vmap" in message.lower() or "batch" in message.lower():
-            raise RuntimeError(
-                f"{message}\nThe Jacobian rows are computed in parallel with `torch.vmap`, which "
-                "does not support every graph (e.g. compiled functions, RNNs on CUDA). Pass "
-                "`parallel_chunk_size=1` to compute them one by one."
-            ) from error
-        raise
+    return list(_vectorized(vjp, *cotangents))
 
 
-def _chunks(
-    rows: Rows,
+def _dense_grad(grad: Tensor | None, x: Tensor) -> Tensor:
+    if grad is None:
+        return torch.zeros_like(x)
+    if grad.layout != torch.strided:  # e.g. sparse gradients of embeddings
+        return grad.to_dense()
+    return grad
+
+
+def _copy_hook(destination: Tensor) -> Callable[[Tensor], Tensor | None]:
+    """Tensor hook that writes the gradient of an input into ``destination`` (its columns of the
+    Jacobian rows) and hands back a view of it, so that autograd releases its own copy."""
+
+    def hook(grad: Tensor) -> Tensor | None:
+        if grad.layout != torch.strided:  # e.g. sparse gradients of embeddings
+            destination.copy_(grad.to_dense().reshape(-1))
+            return None  # A hook may not change the layout; autograd keeps its copy.
+        destination.copy_(grad.reshape(-1))
+        if destination.dtype != grad.dtype:
+            return None  # Nor the dtype.
+        return destination.view(grad.shape)
+
+    return hook
+
+
+def _vjp_into(
+    outputs: tuple[Tensor, ...],
     inputs: Sequence[Tensor],
+    cotangents: tuple[Tensor, ...],
     retain_graph: bool,
-    parallel_chunk_size: int | None,
-    saved_grads: dict[Tensor, Tensor | None],
-) -> Iterator[tuple[int, int, list[Tensor]]]:
-    """Yield ``(start, stop, blocks)`` for consecutive chunks of rows. The graph is kept for all
-    chunks but the last, which uses ``retain_graph``."""
-    m = rows.n_rows
+    destination: Tensor,
+    spans: Sequence[tuple[int, int]],
+) -> None:
+    """Write the Jacobian rows of a chunk into ``destination`` (``[k, N]``), input ``i`` into
+    columns ``spans[i]``. Hooks on the inputs copy each gradient as soon as autograd produces it,
+    so the chunk never exists twice."""
+    used = [True] * len(inputs)
+
+    def vjp(rows_destination: Tensor, *chunk_cotangents: Tensor) -> Tensor:
+        handles = [
+            x.register_hook(_copy_hook(rows_destination[start:stop]))
+            for x, (start, stop) in zip(inputs, spans)
+            if x.requires_grad  # Otherwise autograd.grad raises its own error.
+        ]
+        try:
+            grads = torch.autograd.grad(
+                outputs, inputs, chunk_cotangents, retain_graph=retain_graph, allow_unused=True
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        for i, grad in enumerate(grads):
+            used[i] = grad is not None
+        return rows_destination
+
+    if destination.shape[0] == 1:
+        vjp(destination[0], *(c[0] for c in cotangents))
+    else:
+        _vectorized(vjp, destination, *cotangents)
+    for is_used, (start, stop) in zip(used, spans):
+        if not is_used:
+            destination[:, start:stop].zero_()
+
+
+def _chunk_bounds(
+    m: int, retain_graph: bool, parallel_chunk_size: int | None
+) -> Iterator[tuple[int, int, bool]]:
+    """Yield ``(start, stop, keep_graph)`` for consecutive chunks of rows. The graph is kept for
+    all chunks but the last, which uses ``retain_graph``."""
     if m == 0:
         return
     size = m if parallel_chunk_size is None else min(parallel_chunk_size, m)
     for start in range(0, m, size):
         stop = min(start + size, m)
-        keep_graph = retain_graph or stop < m
-        blocks = _vjp(rows.outputs, inputs, rows.chunk(start, stop), keep_graph)
-        # Under vmap, the retains_grad hooks leave batched tensors in .grad, which must not leak
-        # into the next chunk.
-        _restore(saved_grads, done=False)
-        yield start, stop, blocks
+        yield start, stop, retain_graph or stop < m
 
 
 def _jacobian_blocks(
@@ -236,22 +291,23 @@ def _jacobian_blocks(
     parallel_chunk_size: int | None,
     saved_grads: dict[Tensor, Tensor | None],
 ) -> list[Tensor]:
-    """The blocks ``[m, *x.shape]`` of the Jacobian, one per input, without concatenating them.
-    With one chunk they are what autograd returns; with several, chunks are copied into blocks
-    allocated once, so only one chunk exists besides them."""
+    """The blocks ``[m, *x.shape]`` of the Jacobian, one per input, never concatenated. With one
+    chunk they are what autograd returns; with several, each chunk is copied into blocks
+    allocated once, and freed before the next."""
     m = rows.n_rows
     blocks: list[Tensor] = []
-    for start, stop, chunk_blocks in _chunks(
-        rows, inputs, retain_graph, parallel_chunk_size, saved_grads
-    ):
+    for start, stop, keep_graph in _chunk_bounds(m, retain_graph, parallel_chunk_size):
+        chunk_blocks = _vjp(rows.outputs, inputs, rows.chunk(start, stop), keep_graph)
+        # Under vmap, the retains_grad hooks leave batched tensors in .grad: put back the saved
+        # ones before the next chunk.
+        _restore(saved_grads, done=False)
         if start == 0 and stop == m:
             return chunk_blocks
         if start == 0:
             blocks = [torch.empty((m, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
         for block, chunk_block in zip(blocks, chunk_blocks):
             block[start:stop].copy_(chunk_block)
-        # The list is shared with the generator: emptying it frees the chunk before the next.
-        chunk_blocks.clear()
+        del chunk_blocks
     return blocks
 
 
@@ -272,28 +328,18 @@ def _generic(
         )
     m = rows.n_rows
     sizes = [x.numel() for x in inputs]
-    n_columns = sum(sizes)
-    dtype = _promoted_dtype(inputs)
+    spans = []
+    column = 0
+    for size in sizes:
+        spans.append((column, column + size))
+        column += size
+    n_columns = column
 
-    matrix: Tensor | None = None
-    for start, stop, chunk_blocks in _chunks(
-        rows, inputs, retain_graph, parallel_chunk_size, saved_grads
-    ):
-        if len(inputs) == 1 and start == 0 and stop == m and chunk_blocks[0].dtype == dtype:
-            matrix = chunk_blocks[0].reshape(m, n_columns)
-            break
-        if matrix is None:
-            matrix = torch.empty((m, n_columns), dtype=dtype, device=device)
-        column = 0
-        for i, size in enumerate(sizes):
-            matrix[start:stop, column : column + size].copy_(chunk_blocks[i].reshape(-1, size))
-            column += size
-            # Drop each block once copied, so that the chunk is released progressively (the
-            # list is shared with the generator).
-            chunk_blocks[i] = chunk_blocks[i].new_empty(0)
-        chunk_blocks.clear()
-    if matrix is None:  # No rows at all.
-        matrix = torch.zeros((0, n_columns), dtype=dtype, device=device)
+    matrix = torch.empty((m, n_columns), dtype=_promoted_dtype(inputs), device=device)
+    for start, stop, keep_graph in _chunk_bounds(m, retain_graph, parallel_chunk_size):
+        cotangents = rows.chunk(start, stop)
+        _vjp_into(rows.outputs, inputs, cotangents, keep_graph, matrix[start:stop], spans)
+        _restore(saved_grads, done=False)
 
     _restore(saved_grads)
     aggregation = aggregator(matrix)
@@ -304,10 +350,8 @@ def _generic(
             f"The aggregator {aggregator} should return a vector of length {n_columns} (the "
             f"number of columns of the Jacobian). Found {found}."
         )
-    column = 0
-    for x, size in zip(inputs, sizes):
-        accumulate_grad(x, aggregation[column : column + size])
-        column += size
+    for x, (start, stop) in zip(inputs, spans):
+        accumulate_grad(x, aggregation[start:stop])
 
 
 def _gramian(
