@@ -159,6 +159,18 @@ class SideEffect(nn.Module):
         return self.lin(x) * self.weight * self.calls
 
 
+class ReturnsTwice(nn.Module):
+    """Returns the same tensor twice, and its input unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        y = torch.tanh(x @ self.weight.T)
+        return y, {"again": y}, x
+
+
 class TiedAutoencoder(nn.Module):
     """An embedding and an output projection sharing one weight (tied weights)."""
 
@@ -353,6 +365,17 @@ def _returns_none() -> Case:
     return Case([model], forward, 0)
 
 
+def _returns_twice() -> Case:
+    inner = nn.Linear(4, 4)
+    model = ReturnsTwice()
+
+    def forward() -> Tensor:
+        y, again, x = model(inner(torch.randn(5, 4)))
+        return (y * again["again"]).sum(dim=1) + x.sum(dim=1)
+
+    return Case([inner, model], forward, 0)
+
+
 def _dropout_with_parameters() -> Case:
     model = nn.Sequential(Dropped(), nn.Tanh(), nn.Linear(3, 2), nn.Dropout(0.5))
     return Case([model], lambda: model(torch.randn(6, 4)), 0)
@@ -545,6 +568,7 @@ SETTINGS = [
     Setting("passes_own_parameter", _passes_own_parameter),
     Setting("pytree", _pytree),
     Setting("returns_none", _returns_none),
+    Setting("returns_twice", _returns_twice),
     Setting("dropout_with_parameters", _dropout_with_parameters),
     Setting("overriding_linear", _overriding_linear),
     Setting("side_effect", _side_effect),

@@ -293,9 +293,12 @@ def _backward_to_calls(output: Tensor, records: Sequence[Record], seeding: Seedi
     for record in records:
         record.call.grad_outputs = [None] * len(record.call.outputs)
         entry_nodes = set()
+        seen_edges = set()
         for index, edge in enumerate(record.call.output_edges):
-            if edge is None:
+            # An output returned twice keeps a gradient only once, so that no rule counts it twice.
+            if edge is None or (edge.node, edge.output_nr) in seen_edges:
                 continue
+            seen_edges.add((edge.node, edge.output_nr))
             tensor = record.call.outputs[index]
             from_base = tensor._version != record.output_versions[index] and tensor._is_view()
             if from_base:

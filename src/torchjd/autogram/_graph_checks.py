@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 from torch.autograd.graph import Node
 
 from ._recorder import Record
@@ -92,16 +92,17 @@ def check_graph(
 
 def _mixes_samples(node: Node, kind: str) -> bool:
     """Whether ``node`` is a batch norm computing statistics over more than one sample."""
-    if "BatchNorm" not in kind:
+    if "BatchNorm" not in kind or "NoUpdate" in kind or "NoTraining" in kind:
         return False
-    if getattr(node, "_saved_training", True) is False:
+    training = getattr(node, "_saved_training", getattr(node, "_saved_train", True))
+    if training is False:
         return False
     # InstanceNorm runs a batch norm on a [1, B * C, ...] view: one "sample", no mixing.
     try:
         saved_input = node._saved_input  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):
         return True
-    return saved_input is None or saved_input.ndim == 0 or saved_input.shape[0] != 1
+    return not isinstance(saved_input, Tensor) or saved_input.ndim == 0 or saved_input.shape[0] != 1
 
 
 def _batch_statistics_message(record: Record) -> str:

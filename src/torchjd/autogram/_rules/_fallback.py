@@ -104,9 +104,15 @@ def _differentiable_outputs(call: Call) -> tuple[list[GradientEdge], list[Tensor
     edges: Sequence[GradientEdge | None] = call.output_edges or (None,) * len(call.outputs)
     targets: list[GradientEdge] = []
     grads: list[Tensor] = []
+    seen = set()
     for output, edge, grad in zip(call.outputs, edges, call.grad_outputs):
-        if grad is not None:
-            targets.append(edge if edge is not None else get_gradient_edge(output))
+        if grad is None:
+            continue
+        target = edge if edge is not None else get_gradient_edge(output)
+        # The same output returned twice has one gradient, which must be used once.
+        if (target.node, target.output_nr) not in seen:
+            seen.add((target.node, target.output_nr))
+            targets.append(target)
             grads.append(grad)
     return targets, grads
 
