@@ -491,3 +491,22 @@ def test_output_as_input() -> None:
         backward(y, aggregator, inputs=[y], parallel_chunk_size=chunk_size, retain_graph=True)
         assert_close(recorder.matrices[0], torch.eye(3))
         assert_close(y.grad, torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["SolveAggregator", "ColumnMedian"])
+def test_vmap_only_for_chunks_of_several_rows(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    vmap = torch.vmap
+
+    def counting_vmap(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return vmap(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "vmap", counting_vmap)
+    jacobian, x = _linear_map()
+    aggregator = AGGREGATOR_FACTORIES[name]()
+    backward(jacobian @ x, aggregator, parallel_chunk_size=1)
+    backward((jacobian @ x).sum(), aggregator)  # A single row.
+    assert calls == []
+    backward(jacobian @ x, aggregator, parallel_chunk_size=2)  # Chunks of 2, 2 and 1 rows.
+    assert len(calls) == 2

@@ -293,3 +293,16 @@ def test_single_tensor_loss_and_feature() -> None:
     loss = features.sum()
     mtl_backward(loss, features, Mean())  # type: ignore[arg-type]
     assert_close(p0.grad, torch.tensor([3.0, 3.0]))
+
+
+def test_non_leaf_task_param_retaining_grad() -> None:
+    p0 = torch.tensor([1.0, 2.0], requires_grad=True)
+    raw_head = torch.tensor([3.0, 4.0], requires_grad=True)
+    head = raw_head * 1.0
+    head.retain_grad()
+    features = p0 * 2
+    losses = [head @ features, features.sum()]
+    mtl_backward(losses, features, Sum(), tasks_params=[[head], []])
+    assert_close(head.grad, features.detach())
+    assert raw_head.grad is None
+    assert_close(p0.grad, 2 * head.detach() + 2.0)

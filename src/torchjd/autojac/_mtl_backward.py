@@ -106,7 +106,13 @@ def mtl_backward(
     ]
     for i, (loss, params) in enumerate(zip(losses_, tasks_params_)):
         inputs = list(dict.fromkeys([*params, *features_]))
-        grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
+        # The retains_grad hook of a non-leaf task parameter would also write its gradient.
+        saved_grads = {p: p.grad for p in params if not p.is_leaf and p.retains_grad}
+        try:
+            grads = torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            for param, saved_grad in saved_grads.items():
+                param.grad = saved_grad
         grad_of = dict(zip(inputs, grads))
         for param in params:
             grad = grad_of[param]
