@@ -62,7 +62,7 @@ class WeightedAggregator(Aggregator):
     @staticmethod
     def combine(matrix: Matrix, weights: Tensor) -> Tensor:
         """Return the combination ``weights @ matrix`` of the rows of ``matrix``."""
-        return weights.to(matrix.dtype) @ matrix
+        return weights.to(dtype=matrix.dtype, device=matrix.device) @ matrix
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         self._check_is_matrix(matrix)
