@@ -10,11 +10,13 @@ from torch import nn
 from torchjd.autogram._rules import find_rule
 from torchjd.autogram._rules._embedding import (
     EmbeddingRule,
-    _compact_cost,
-    _compact_gramian,
     _ghost_cost,
     _ghost_gramian,
     _lookups,
+    _pairs_cost,
+    _pairs_gramian,
+    _vocabulary_cost,
+    _vocabulary_gramian,
 )
 
 CONFIGS: list[dict[str, Any]] = [
@@ -64,10 +66,11 @@ def test_matches_reference(
 
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("vocabulary", [5, 1000])
-def test_both_gramian_forms_agree(batched: bool, vocabulary: int) -> None:
-    """The ghost and the compact forms (vocabulary-wide, or over distinct tokens) are exact."""
+@pytest.mark.parametrize("padding", [None, 1])
+def test_all_gramian_forms_agree(batched: bool, vocabulary: int, padding: int | None) -> None:
+    """The ghost, pair and vocabulary forms are all exact."""
     torch.manual_seed(0)
-    module = nn.Embedding(vocabulary, 3, padding_idx=1, scale_grad_by_freq=True).double()
+    module = nn.Embedding(vocabulary, 3, padding_idx=padding, scale_grad_by_freq=True).double()
     generator = torch.Generator().manual_seed(1)
     uses = [
         Use((torch.randint(0, 8, (4, 6), generator=generator) % vocabulary,)),
@@ -78,7 +81,8 @@ def test_both_gramian_forms_agree(batched: bool, vocabulary: int) -> None:
     flat = expected["weight"].reshape(len(expected["weight"]), -1)
     lookups = _lookups(module, calls, batched)
     torch.testing.assert_close(_ghost_gramian(lookups), flat @ flat.T)
-    torch.testing.assert_close(_compact_gramian(module, lookups), flat @ flat.T)
+    torch.testing.assert_close(_pairs_gramian(module, lookups), flat @ flat.T)
+    torch.testing.assert_close(_vocabulary_gramian(module, lookups), flat @ flat.T)
 
 
 def test_cost_estimate_prefers_ghost_for_short_sequences_only() -> None:
@@ -88,8 +92,9 @@ def test_cost_estimate_prefers_ghost_for_short_sequences_only() -> None:
     long = record_calls(module, [Use((torch.randint(0, 10_000, (32, 64)),))], 1, generator)
     short_lookups = _lookups(module, short, True)
     long_lookups = _lookups(module, long, True)
-    assert _ghost_cost(short_lookups) < _compact_cost(module, short_lookups)
-    assert _ghost_cost(long_lookups) > _compact_cost(module, long_lookups)
+    assert _ghost_cost(short_lookups) < _pairs_cost(short_lookups)
+    assert _ghost_cost(long_lookups) > _pairs_cost(long_lookups)
+    assert _vocabulary_cost(module, long_lookups) > _pairs_cost(long_lookups)
 
 
 def test_sparse_embedding_gives_sparse_weighted_gradient() -> None:
@@ -118,3 +123,17 @@ def test_wrong_weights_shape_is_refused() -> None:
     calls = record_calls(module, [Use((torch.tensor([[0, 1], [2, 3]]),))], 1, generator)
     with pytest.raises(ValueError, match="one weight per Jacobian row"):
         EmbeddingRule().weighted_gradients(module, calls, ["weight"], True, torch.ones(3))
+
+
+def test_pair_form_with_frequent_and_rare_tokens() -> None:
+    """Tokens in many samples go through the dense part, the others through pairs."""
+    module = nn.Embedding(60, 4, padding_idx=0).double()
+    generator = torch.Generator().manual_seed(6)
+    frequent = torch.randint(1, 4, (12, 3), generator=generator)  # in most samples
+    rare = torch.randint(4, 60, (12, 4), generator=generator)  # in one or two samples
+    ids = torch.cat([frequent, rare, torch.zeros(12, 1, dtype=torch.long)], dim=1)
+    calls = record_calls(module, [Use((ids,))], 2, generator)
+    lookups = _lookups(module, calls, True)
+    torch.testing.assert_close(
+        _pairs_gramian(module, lookups), _vocabulary_gramian(module, lookups)
+    )

@@ -5,14 +5,16 @@ gradient lands on the rows of the tokens the sample contains. Hence
 
 ``G[(k,i),(l,j)] = Σ_{t,s} [id_it = id_js] (D_kit · D_ljs)``,
 
-computed without ever forming a ``[B, V, d]`` per-sample gradient, by the cheaper of
+computed without ever forming a ``[B, V, d]`` per-sample gradient, by the cheapest of
 
 * the *ghost* form: the token-equality mask times the products of output gradients
   (``O(R²·T²·d)``, no host synchronisation), best for short sequences;
-* the *compact* form: per-sample gradients restricted to the distinct tokens present
-  (``[R, U, d]``, ``U ≤ min(V, number of tokens)``) and their Gram (``O(R²·U·d)``). Finding the
-  distinct tokens (``torch.unique``) synchronises with the host once; it is skipped, and the
-  vocabulary used as is, when ``V`` is not larger than the number of tokens.
+* the *pair* form: one entry per distinct (token, sample), found by sorting, and one product per
+  pair of entries sharing a token (``O(K²·d·Σ_v m_v²)``, ``m_v ≤ B`` the number of samples
+  containing ``v``): it uses the token sparsity and synchronises with the host once (the number
+  of pairs decides the shapes);
+* the *vocabulary* form: dense per-row gradients ``[R, V, d]`` and their Gram, for vocabularies
+  smaller than the batch's tokens (no host synchronisation).
 
 ``padding_idx`` tokens get no gradient, ``scale_grad_by_freq`` divides each token's gradient by
 its count in the call (as autograd does), and ``max_norm`` only rescales the weight in place before
@@ -39,6 +41,11 @@ from ._common import (
     weighted_calls,
 )
 from ._registry import register_rule
+
+# Bounds the memory of one chunk of pair products (elements of the gathered gradients).
+_ELEMENTS_PER_CHUNK = 1 << 24
+# The fixed price of the pair form (sorting, a host synchronisation), in multiply-adds.
+_PAIRS_OVERHEAD = 1 << 16
 
 
 @dataclass(eq=False)
@@ -128,22 +135,90 @@ def _ghost_gramian(lookups: Sequence[_Lookup]) -> Tensor:
     return result
 
 
-def _compact_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
-    tokens = sum(lookup.ids.numel() for lookup in lookups)
-    if module.num_embeddings <= tokens:
-        width = module.num_embeddings
-        slots = [lookup.ids for lookup in lookups]
-    else:
-        # Host synchronisation: the number of distinct tokens decides the shape.
-        distinct, inverse = torch.unique(
-            torch.cat([lookup.ids.flatten() for lookup in lookups]), return_inverse=True
-        )
-        width = distinct.numel()
-        slots = list(torch.split(inverse, [lookup.ids.numel() for lookup in lookups]))
-        slots = [slot.view_as(lookup.ids) for slot, lookup in zip(slots, lookups)]
-    rows = _scatter_rows(lookups, slots, width)
+def _vocabulary_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
+    """The Gram of per-row gradients over the whole vocabulary (small vocabularies only)."""
+    rows = _scatter_rows(lookups, [lookup.ids for lookup in lookups], module.num_embeddings)
     flat = rows.reshape(rows.shape[0], -1)
     return flat @ flat.T
+
+
+def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
+    """``Σ_v S_v S_vᵀ`` over the pairs of samples that share a token ``v``.
+
+    ``S_v[(k, i)]`` is the gradient that sample ``i`` sends to row ``v`` under seed ``k``: one
+    *entry* per distinct (token, sample). Entries are found by sorting, then every pair of entries
+    of the same token contributes one product: ``Σ_v m_v²`` products of size ``K²·d``, ``m_v``
+    being the number of samples containing ``v``. Tokens in at least a quarter of the samples
+    are handled densely instead (one matrix product for all of them).
+    """
+    seeds, batch, _, dim = lookups[0].grads.shape
+    rows = seeds * batch
+    device = lookups[0].ids.device
+    ids = torch.cat([lookup.ids.flatten() for lookup in lookups])
+    samples = torch.cat(
+        [
+            torch.arange(batch, device=device).repeat_interleave(lookup.ids.shape[1])
+            for lookup in lookups
+        ]
+    )
+    grads = torch.cat([_weighted_grads(lookup).reshape(seeds, -1, dim) for lookup in lookups], 1)
+    count = ids.numel()
+    slot = torch.arange(count, device=device)
+    keys = ids * batch + samples
+    if module.padding_idx is not None:
+        # Padding tokens get no gradient: distinct negative keys keep them out of every pair.
+        keys = torch.where(ids == module.padding_idx, -1 - slot, keys)
+    sorted_keys, order = torch.sort(keys)
+    new_entry = torch.ones(count, dtype=torch.bool, device=device)
+    new_entry[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    entry_of_sorted = new_entry.cumsum(0) - 1
+    entry_of_token = torch.empty_like(entry_of_sorted).scatter_(0, order, entry_of_sorted)
+    entries = grads.new_zeros(seeds, count, dim).index_add_(1, entry_of_token, grads)
+    # Slots past the last entry stay empty (key -1); like padding, each forms its own group.
+    entry_keys = torch.full_like(keys, -1).scatter_(0, entry_of_sorted, sorted_keys)
+    valid = entry_keys >= 0
+    entry_tokens = torch.where(valid, entry_keys // batch, -1 - slot)
+    entry_samples = torch.where(valid, entry_keys % batch, 0)
+    # Entries are sorted by (token, sample): those of a token are contiguous.
+    new_group = torch.ones(count, dtype=torch.bool, device=device)
+    new_group[1:] = entry_tokens[1:] != entry_tokens[:-1]
+    group = new_group.cumsum(0) - 1
+    sizes = torch.zeros_like(group).index_add_(0, group, torch.ones_like(group))[group]
+    starts = torch.where(new_group, slot, 0).cummax(0).values
+    # Tokens present in many samples (frequent words, in text) would make many pairs: their
+    # entries go instead into a dense [R, F, d] matrix whose Gram is one matrix product.
+    frequent = valid & (sizes >= 2) & (4 * sizes >= batch)
+    paired_sizes = torch.where(frequent, 0, sizes)
+    frequent_rank = (new_group & frequent).cumsum(0) - 1
+    # Host synchronisation (one): the numbers of pairs and of frequent tokens decide the shapes.
+    pair_count, frequent_count = (
+        int(value) for value in torch.stack([paired_sizes.sum(), (new_group & frequent).sum()])
+    )
+    gramian = grads.new_zeros(rows * rows)
+    if pair_count:
+        first = torch.repeat_interleave(slot, paired_sizes, output_size=pair_count)
+        offsets = torch.arange(pair_count, device=device) - torch.repeat_interleave(
+            paired_sizes.cumsum(0) - paired_sizes, paired_sizes, output_size=pair_count
+        )
+        second = starts[first] + offsets
+        seed_rows = torch.arange(seeds, device=device) * batch
+        chunk = max(1, _ELEMENTS_PER_CHUNK // (seeds * dim))
+        for begin in range(0, pair_count, chunk):
+            left, right = first[begin : begin + chunk], second[begin : begin + chunk]
+            products = torch.einsum("kpd,lpd->pkl", entries[:, left], entries[:, right])
+            left_rows = seed_rows + entry_samples[left].unsqueeze(1)
+            right_rows = seed_rows + entry_samples[right].unsqueeze(1)
+            index = left_rows.unsqueeze(2) * rows + right_rows.unsqueeze(1)
+            gramian.index_add_(0, index.flatten(), products.flatten())
+    gramian = gramian.view(rows, rows)
+    if frequent_count:
+        # Entries of rare tokens go to a discarded last column.
+        dense_slots = batch * frequent_count
+        column = torch.where(frequent, entry_samples * frequent_count + frequent_rank, dense_slots)
+        dense = grads.new_zeros(seeds, dense_slots + 1, dim).index_add_(1, column, entries)
+        flat = dense[:, :dense_slots].reshape(rows, frequent_count * dim)
+        gramian = gramian + flat @ flat.T
+    return gramian.view(rows, rows)
 
 
 def _ghost_cost(lookups: Sequence[_Lookup]) -> int:
@@ -153,11 +228,18 @@ def _ghost_cost(lookups: Sequence[_Lookup]) -> int:
     return rows * rows * total * total * (dim + 1)
 
 
-def _compact_cost(module: nn.Embedding, lookups: Sequence[_Lookup]) -> int:
+def _vocabulary_cost(module: nn.Embedding, lookups: Sequence[_Lookup]) -> int:
     seeds, batch, _, dim = lookups[0].grads.shape
     rows = seeds * batch
     tokens = sum(lookup.ids.numel() for lookup in lookups)
-    return seeds * tokens * dim + rows * rows * min(module.num_embeddings, tokens) * dim
+    return seeds * tokens * dim + rows * rows * module.num_embeddings * dim
+
+
+def _pairs_cost(lookups: Sequence[_Lookup]) -> int:
+    """An upper bound: at most ``B`` entries share a token, so at most ``B`` pairs an entry."""
+    seeds, batch, _, dim = lookups[0].grads.shape
+    tokens = sum(lookup.ids.numel() for lookup in lookups)
+    return _PAIRS_OVERHEAD + 4 * seeds * tokens * dim + tokens * batch * seeds * seeds * dim
 
 
 class EmbeddingRule(GramianRule):
@@ -179,9 +261,17 @@ class EmbeddingRule(GramianRule):
         embedding = _as_embedding(module)
         check_params(params, ["weight"], module)
         lookups = _lookups(embedding, calls, batched)
-        if _ghost_cost(lookups) < _compact_cost(embedding, lookups):
+        costs = {
+            "ghost": _ghost_cost(lookups),
+            "vocabulary": _vocabulary_cost(embedding, lookups),
+            "pairs": _pairs_cost(lookups),
+        }
+        form = min(costs, key=costs.__getitem__)
+        if form == "ghost":
             return _ghost_gramian(lookups)
-        return _compact_gramian(embedding, lookups)
+        if form == "vocabulary":
+            return _vocabulary_gramian(embedding, lookups)
+        return _pairs_gramian(embedding, lookups)
 
     def weighted_gradients(
         self,
