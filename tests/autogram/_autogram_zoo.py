@@ -406,6 +406,19 @@ def _float64_mlp() -> Case:
     return Case([model], lambda: model(torch.randn(6, 5, dtype=torch.float64)), 0)
 
 
+def _float64_conv_and_sequences() -> Case:
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3),
+        nn.Tanh(),
+        nn.Flatten(start_dim=1),
+        nn.Unflatten(1, (3, 3)),
+        nn.Linear(3, 4),
+        nn.ReLU(inplace=True),
+        nn.Linear(4, 2),
+    ).double()
+    return Case([model], lambda: model(torch.randn(4, 2, 5, dtype=torch.float64)).sum(dim=1), 0)
+
+
 def _mse_losses() -> Case:
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1))
     criterion = nn.MSELoss(reduction="none")
@@ -575,6 +588,7 @@ SETTINGS = [
     Setting("bilinear", _bilinear),
     Setting("single_sample", _single_sample),
     Setting("float64_mlp", _float64_mlp, dtype=torch.float64),
+    Setting("float64_conv_and_sequences", _float64_conv_and_sequences, dtype=torch.float64),
     Setting("mse_losses", _mse_losses),
     Setting("scalar", _scalar, batched=False),
     Setting("iwmtl", _iwmtl),
