@@ -105,6 +105,9 @@ class Engine:
             raise TypeError(f"Expected `batch_dim` to be an int or None; found {batch_dim!r}.")
         self._batch_dim = batch_dim
         self._coverage: Coverage = plan_coverage(modules, batched=batch_dim is not None)
+        self._covered_ids = {
+            module: self._coverage.covered_ids(module) for module in self._coverage.assignments
+        }
         self._recorder = Recorder()
         # Marks the graphs already differentiated, in their root node (no reference to the graph).
         self._marker_key = f"torchjd.autogram.Engine.{id(self._recorder)}"
@@ -172,7 +175,7 @@ class Engine:
         check_graph(
             root,
             reached,
-            {module: self._coverage.covered_ids(module) for module in self._coverage.assignments},
+            self._covered_ids,
             self._coverage.names if records else {},
             batched,
         )
