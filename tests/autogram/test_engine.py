@@ -304,3 +304,30 @@ def test_parameter_frozen_after_construction_is_dropped() -> None:
     output = model(torch.randn(3, 5)).sum(dim=1)
     expected = reference_gramian(output, trainable_parameters([model]))
     torch.testing.assert_close(engine.compute_gramian(output), expected)
+
+
+class _NumpySquare(torch.autograd.Function):
+    """A backward that vmap cannot batch (it goes through numpy)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return torch.from_numpy(2.0 * grad.numpy() * x.numpy())
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_seeds_one_at_a_time_when_vmap_fails(batch_dim: int | None) -> None:
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 3), nn.Linear(3, 2)
+    engine = Engine(first, second, batch_dim=batch_dim)
+    output = second(_NumpySquare.apply(first(torch.randn(5, 4))))  # [5, 2]: several seeds
+    params = [*first.parameters(), *second.parameters()]
+    torch.testing.assert_close(engine.compute_gramian(output), reference_gramian(output, params))
