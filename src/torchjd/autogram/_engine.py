@@ -347,8 +347,10 @@ def _batched_grad(
             allow_unused=True,
             is_grads_batched=True,
         )
-    except RuntimeError:
-        pass  # Some backward formulas cannot be batched by vmap: one seed at a time.
+    except Exception:
+        # Some backward formulas cannot be batched by vmap: one seed at a time (a genuine error is
+        # raised again there).
+        pass
     per_seed = [
         torch.autograd.grad(output, edges, grad_outputs=seed, retain_graph=True, allow_unused=True)
         for seed in seeds

@@ -139,7 +139,9 @@ def _rows_of_grad(grad: Tensor, start: int, stop: int, batched: bool) -> Tensor:
     batch_size = grad.shape[1]
     rows = torch.arange(start, stop, device=grad.device)
     per_seed = grad[rows // batch_size]
-    mask = torch.nn.functional.one_hot(rows % batch_size, batch_size).to(dtype=grad.dtype)
+    # A comparison rather than `one_hot`, which checks its indices on the host (a sync on GPUs).
+    samples = torch.arange(batch_size, device=grad.device)
+    mask = ((rows % batch_size).unsqueeze(1) == samples).to(dtype=grad.dtype)
     return per_seed * mask.reshape(*mask.shape, *([1] * (grad.ndim - 2)))
 
 
@@ -159,8 +161,10 @@ def _batched_vjp(
                 materialize_grads=True,
                 is_grads_batched=True,
             )
-        except RuntimeError:
-            pass  # Some backward formulas cannot be batched by vmap: one row at a time.
+        except Exception:
+            # Some backward formulas cannot be batched by vmap: one row at a time (a genuine
+            # error is raised again there).
+            pass
     per_row = [
         torch.autograd.grad(
             targets,
