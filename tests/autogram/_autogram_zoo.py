@@ -90,6 +90,18 @@ class Scaled(nn.Module):
         return self.child(x) * self.scale
 
 
+class Shifted(nn.Module):
+    """Returns its child's output as is: both calls end at the same autograd node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(4))
+        self.child = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.child(x + self.shift)
+
+
 class PassesOwnParameter(nn.Module):
     """Passes its own parameter to a function of a child call."""
 
@@ -322,6 +334,11 @@ def _nested_sequentials() -> Case:
 
 def _parent_with_direct_parameter() -> Case:
     model = nn.Sequential(Scaled(), nn.Tanh(), nn.Linear(3, 2))
+    return Case([model], lambda: model(torch.randn(5, 4)).sum(dim=1), 0)
+
+
+def _parent_returns_child_output() -> Case:
+    model = nn.Sequential(nn.Linear(4, 4), Shifted(), nn.Tanh(), nn.Linear(3, 2))
     return Case([model], lambda: model(torch.randn(5, 4)).sum(dim=1), 0)
 
 
@@ -577,6 +594,7 @@ SETTINGS = [
     Setting("several_modules", _several_modules),
     Setting("nested_sequentials", _nested_sequentials),
     Setting("parent_with_direct_parameter", _parent_with_direct_parameter),
+    Setting("parent_returns_child_output", _parent_returns_child_output),
     Setting("free_parameter_in_root", _free_parameter_in_root),
     Setting("passes_own_parameter", _passes_own_parameter),
     Setting("pytree", _pytree),
