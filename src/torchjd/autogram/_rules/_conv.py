@@ -86,50 +86,39 @@ def _use_of(module: _ConvNd, call: Call, batched: bool) -> _ConvUse | None:
 
 
 def _unfold(module: _ConvNd, use: _ConvUse) -> Tensor:
-    """The input patches ``[B, G, C_in/G · prod(kernel), T]`` (im2col)."""
+    """The input patches ``[B, G, C_in/G · prod(kernel), T]`` (im2col).
+
+    Strided views (``Tensor.unfold`` per spatial dim) and a single copy at the end: several times
+    faster than ``F.unfold`` on CPU, and the same for every number of spatial dims.
+    """
     inputs = use.inputs
     batch, channels = inputs.shape[:2]
-    groups = module.groups
     dims = len(module.kernel_size)
-    if dims in (1, 2):
-        lift = (1,) if dims == 1 else ()
-        inputs_2d = inputs.unsqueeze(2) if dims == 1 else inputs
-        columns = F.unfold(
-            inputs_2d,
-            kernel_size=lift + tuple(module.kernel_size),
-            dilation=lift + tuple(module.dilation),
-            padding=(0,) * (2 - dims) + use.padding,
-            stride=lift + tuple(module.stride),
-        )
-        return columns.view(batch, groups, channels // groups * math.prod(module.kernel_size), -1)
     if any(use.padding):
-        flat_pads = [p for pad in reversed(use.padding) for p in (pad, pad)]
-        inputs = F.pad(inputs, flat_pads)
+        inputs = F.pad(inputs, [p for pad in reversed(use.padding) for p in (pad, pad)])
     windows = inputs
     for axis, (kernel, dilation, stride) in enumerate(
         zip(module.kernel_size, module.dilation, module.stride)
     ):
         windows = windows.unfold(2 + axis, dilation * (kernel - 1) + 1, stride)
     # windows: [B, C, *O, *span]; keep every `dilation`-th element of each span.
-    keep: tuple[EllipsisType | slice, ...] = (
-        Ellipsis,
-        *(slice(None, None, d) for d in module.dilation),
-    )
+    strides = tuple(slice(None, None, d) for d in module.dilation)
+    keep: tuple[EllipsisType | slice, ...] = (Ellipsis, *strides)
     windows = windows[keep]
     order = [0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims)]
     patches = windows.permute(order)  # [B, C, *kernel, *O]
+    groups = module.groups
     return patches.reshape(batch, groups, channels // groups * math.prod(module.kernel_size), -1)
 
 
-def _term(module: _ConvNd, use: _ConvUse) -> SequenceTerm:
-    k, batch = use.grads.shape[:2]
-    grads = use.grads.reshape(k, batch, module.groups, module.out_channels // module.groups, -1)
-    return SequenceTerm(_unfold(module, use), grads)
-
-
 def _grouped_grads(module: _ConvNd, use: _ConvUse) -> Tensor:
+    """The output gradients as ``[K, B, G, C_out/G, T]``."""
     k, batch = use.grads.shape[:2]
     return use.grads.reshape(k, batch, module.groups, module.out_channels // module.groups, -1)
+
+
+def _term(module: _ConvNd, use: _ConvUse) -> SequenceTerm:
+    return SequenceTerm(_unfold(module, use), _grouped_grads(module, use))
 
 
 def _summed_weight_rows(module: _ConvNd, uses: Sequence[_ConvUse]) -> Tensor:

@@ -62,7 +62,7 @@ def weight_per_sample(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
     result: Tensor | None = None
     for term in terms:
         if batched:
-            part = torch.einsum("kigbt,igat->kigba", term.grads, term.inputs)
+            part = _per_sample(term)
             part = part.reshape(part.shape[0] * part.shape[1], *part.shape[2:])
         else:
             part = torch.einsum("kigbt,igat->kgba", term.grads, term.inputs)
@@ -70,6 +70,15 @@ def weight_per_sample(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
     if result is None:
         raise ValueError("Expected at least one sequence term; found none.")
     return result
+
+
+def _per_sample(term: SequenceTerm) -> Tensor:
+    """``D[k, i, g] X[i, g]ᵀ`` as ``[K, B, G, b, a]``: seeds folded into one batched product."""
+    x, d = term.inputs, term.grads
+    seeds, batch, groups, b, positions = d.shape
+    folded = d.permute(1, 2, 0, 3, 4).reshape(batch, groups, seeds * b, positions)
+    products = folded @ x.transpose(-1, -2)
+    return products.view(batch, groups, seeds, b, x.shape[2]).permute(2, 0, 1, 3, 4)
 
 
 def bias_per_sample(grads: Sequence[Tensor], batched: bool) -> Tensor:
@@ -96,8 +105,13 @@ def _ghost_pair(first: SequenceTerm, second: SequenceTerm) -> Tensor:
     return gramian.reshape(k * batch, k * batch)
 
 
+# Cost of moving one element through memory, in multiply-adds: products with a short inner
+# dimension (few positions) are bound by memory traffic, not arithmetic.
+_MEMORY_COST = 32
+
+
 def ghost_cost(terms: Sequence[SequenceTerm], batched: bool) -> int:
-    """Multiply-adds of the ghost form (a cost estimate from shapes only)."""
+    """Multiply-adds of the ghost form, memory traffic included (an estimate from shapes)."""
     cost = 0
     for u, first in enumerate(terms):
         for second in terms[u:]:
@@ -107,19 +121,20 @@ def ghost_cost(terms: Sequence[SequenceTerm], batched: bool) -> int:
             if not batched:
                 t_first, t_second, batch = t_first * batch, t_second * batch, 1
             rows = k * batch
-            cost += groups * t_first * t_second * (batch * batch * a + rows * rows * (b + 1))
+            products = groups * t_first * t_second * (batch * batch * a + rows * rows * (b + 1))
+            cost += products + _MEMORY_COST * groups * rows * rows * t_first * t_second
     return cost
 
 
 def per_sample_cost(terms: Sequence[SequenceTerm], batched: bool) -> int:
-    """Multiply-adds of the per-sample form (a cost estimate from shapes only)."""
+    """Multiply-adds of the per-sample form, memory traffic included (an estimate from shapes)."""
     if not terms:
         return 0
     batch, groups, a, _ = terms[0].inputs.shape
     k, b = terms[0].grads.shape[0], terms[0].grads.shape[3]
     rows = k * batch if batched else k
     materialise = sum(k * batch * groups * term.inputs.shape[3] * a * b for term in terms)
-    return materialise + rows * rows * groups * a * b
+    return materialise + rows * rows * groups * a * b + _MEMORY_COST * rows * groups * a * b
 
 
 def weight_gramian(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
