@@ -10,8 +10,10 @@ with :func:`torch.vmap`; every chunk but the last keeps the graph.
 Three strategies, chosen so that the result is that of ``aggregator(J)`` with ``J`` the ``m x N``
 Jacobian (columns in input order), and so that nothing the user can observe differs:
 
-* generic: ``J`` is allocated once and the rows are copied into it chunk by chunk; the
-  aggregator is called on it (its hooks fire);
+* generic: ``J`` is allocated once; hooks on the inputs copy each gradient into its columns as
+  soon as autograd produces it and hand autograd a view of ``J`` instead, so a chunk of rows never
+  exists twice (peak: ``J`` plus the largest block of one chunk); the aggregator is called on
+  ``J`` (its hooks fire);
 * Gramian: for a :class:`~torchjd.aggregation._aggregator_bases.GramianWeightedAggregator`
   nobody observes, the per-input blocks ``J_b`` are kept apart (never concatenated), the Gramian
   is accumulated as ``G = sum_b J_b J_bᵀ``, the weights are ``gramian_weighting(G)`` and each
