@@ -43,7 +43,7 @@ def _case(index: int, batch: int, generator: torch.Generator) -> tuple[nn.Module
 
     if index == 0:  # self-attention, weights returned (and differentiated)
         module = nn.MultiheadAttention(8, 2, batch_first=True)
-        x = randn(batch, 5, 8)
+        x = randn(batch, 5, 8).requires_grad_()  # as if an earlier layer had made it
         uses = [Use((x, x, x))]
     elif index == 1:  # cross-attention with kdim/vdim, no weights
         module = nn.MultiheadAttention(8, 4, kdim=5, vdim=3, batch_first=True)

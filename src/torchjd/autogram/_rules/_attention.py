@@ -161,8 +161,11 @@ def _use_of(module: nn.MultiheadAttention, call: Call, batched: bool) -> _Attent
         else dict.fromkeys(_PROJECTIONS)
     )
     with torch.enable_grad():
+        # Leaves: the backward below stops at q, k, v and never enters the caller's graph.
         projected = {
-            name: F.linear(inputs[name], weights[name].detach(), biases[name]).requires_grad_()
+            name: F.linear(
+                inputs[name].detach(), weights[name].detach(), biases[name]
+            ).requires_grad_()
             for name in _PROJECTIONS
         }
         bias_kv: dict[str, Tensor] = {}
