@@ -62,9 +62,14 @@ class CAGradWeighting(Weighting[PSDMatrix]):
     @in_float32_if_low_precision
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         _check_is_square(gramian)
-        normalized = normalize(gramian.detach(), self.norm_eps).to(
-            device="cpu", dtype=torch.float64
-        )
+        # The solver branches on the data: the m x m Gramian goes to the host once.
+        host_gramian = gramian.detach().to(device="cpu", dtype=torch.float64)
+        if not bool(torch.isfinite(host_gramian).all()):
+            raise ValueError("Parameter `gramian` should only contain finite values.")
+        if host_gramian.diagonal().sum().item() == 0.0:
+            normalized = torch.zeros_like(host_gramian)  # Even with `norm_eps = 0`.
+        else:
+            normalized = normalize(host_gramian, self.norm_eps)
         weights = _cagrad_weights(normalized, float(self.c), float(self.norm_eps))
         return weights.to(device=gramian.device, dtype=gramian.dtype)
 

@@ -53,7 +53,9 @@ def affine_minimizer(gramian: Tensor, linear: Tensor) -> Tensor:
 
     k = gramian.shape[0]
     ones = torch.ones(k, dtype=gramian.dtype, device=gramian.device)
-    kappa = gramian.diagonal().abs().max().clamp(min=1.0)
+    # κ of the order of G keeps the shifted matrix as well conditioned as the points allow.
+    largest = float(gramian.diagonal().abs().max())
+    kappa = largest if largest > 0.0 else 1.0
     shifted = gramian + kappa
     rhs = torch.stack([ones, -linear], dim=1)
     factor, info = torch.linalg.cholesky_ex(shifted)
