@@ -59,7 +59,7 @@ class GramianRule(ABC):
     :meth:`covered_parameters`), in the order in which the Jacobian's columns are laid out.
     """
 
-    def check(self, module: nn.Module, batched: bool) -> None:
+    def check(self, module: nn.Module, batched: bool) -> None:  # noqa: B027
         """Raise a :class:`ValueError` saying what to change if ``module`` is not supported.
 
         :param batched: Whether the engine uses per-sample structure (``batch_dim`` set).
