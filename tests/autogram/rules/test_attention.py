@@ -149,18 +149,16 @@ def test_float32_self_attention_with_the_ghost_form(monkeypatch: pytest.MonkeyPa
         )  # fmt: skip
 
 
-class _SeededAttention(nn.MultiheadAttention):
-    """Draws the same dropout masks at every forward, so that a reference can re-run it."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        torch.manual_seed(123)
-        return super().forward(*args, **kwargs)
+def _reseed(*_: Any) -> None:
+    torch.manual_seed(123)
 
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_dropout_in_training_mode_uses_the_recorded_graph(batched: bool) -> None:
     torch.manual_seed(0)
-    module = _SeededAttention(6, 2, dropout=0.5, batch_first=True).double()
+    module = nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True).double()
+    # The same dropout masks at every forward, so that the reference can re-run the module.
+    module.register_forward_pre_hook(_reseed)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(3, 4, 6, generator=generator, dtype=F64)
     calls = record_calls(module, [Use((x, x, x))], 2, generator)
