@@ -49,7 +49,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         return str(value)
 
     cells = [[cell(row.get(column, "")) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    widths = [
+        max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)
+    ]
     lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
     lines.append("  ".join("-" * width for width in widths))
     lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths)) for line in cells]

@@ -29,7 +29,7 @@ def test_deprecated_from_import_warns() -> None:
 
 
 def test_unknown_attribute() -> None:
-    with pytest.raises(AttributeError, match="^module torchjd has no attribute nope$"):
+    with pytest.raises(AttributeError, match=r"^module torchjd has no attribute nope$"):
         _ = torchjd.nope  # type: ignore[attr-defined]
     with pytest.raises(ImportError):
         exec("from torchjd import nope")
