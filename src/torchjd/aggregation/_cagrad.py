@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -44,11 +45,11 @@ class CAGradWeighting(Weighting[PSDMatrix]):
 
     def __init__(self, c: float, norm_eps: float = 0.0001) -> None:
         super().__init__()
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0 or math.isinf(c):
+        if isinstance(c, bool) or not isinstance(c, Real) or not c >= 0 or math.isinf(c):
             raise ValueError(f"Parameter `c` should be a non-negative float. Found `c = {c}`.")
         if (
             isinstance(norm_eps, bool)
-            or not isinstance(norm_eps, (int, float))
+            or not isinstance(norm_eps, Real)
             or not norm_eps >= 0
             or math.isinf(norm_eps)
         ):
@@ -56,8 +57,8 @@ class CAGradWeighting(Weighting[PSDMatrix]):
                 "Parameter `norm_eps` should be a non-negative float. Found `norm_eps = "
                 f"{norm_eps}`."
             )
-        self.c = c
-        self.norm_eps = norm_eps
+        self.c: float = c
+        self.norm_eps: float = norm_eps
 
     @in_float32_if_low_precision
     def forward(self, gramian: PSDMatrix, /) -> Tensor:

@@ -111,9 +111,9 @@ def _bargaining_point_if_optimal(gramian: Tensor, cost: Tensor, start: Tensor) -
     else ``None``."""
 
     beta = start / math.sqrt(2.0)
-    n = gramian.shape[0]
-    # Damped Newton's method on the self-concordant ½βᵀĜβ - Σ log β_i.
-    converged = False
+    # Damped Newton's method on the self-concordant ½βᵀĜβ - Σ log β_i (whose minimiser is the
+    # solution), until quadratic convergence reaches the rounding errors.
+    previous_decrement = math.inf
     for _ in range(100):
         gradient = gramian @ beta - 1.0 / beta
         hessian = gramian + torch.diag(1.0 / beta**2)
@@ -121,18 +121,20 @@ def _bargaining_point_if_optimal(gramian: Tensor, cost: Tensor, start: Tensor) -
         decrement = float(-(gradient @ step))
         if not math.isfinite(decrement):
             return None
-        if decrement <= 1e-28 * n:
-            converged = True
+        pure_newton = decrement < 0.0625
+        if decrement <= 0.0 or (pure_newton and decrement > 0.5 * previous_decrement):
             break
-        size = 1.0 if decrement < 0.25 else 1.0 / (1.0 + math.sqrt(decrement))
-        while not bool((beta + size * step > 0).all()):
+        size = 1.0 if pure_newton else 1.0 / (1.0 + math.sqrt(decrement))
+        for _ in range(60):
+            if bool((beta + size * step > 0).all()):
+                break
             size /= 2.0
         beta = beta + size * step
-        if decrement < 1e-24 * n:
-            converged = True
-            break
-    if not converged:
-        return None
+        if pure_newton:
+            previous_decrement = decrement
+            if decrement <= 1e-20:
+                break
+    # Whether the solution was reached (to rounding) is decided by the constraints themselves.
     products, slacks = _constraints(gramian, beta)
     if not bool((products > 0).all()) or float(slacks.abs().max()) > 1e-12:
         return None
