@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
+# One thread per pytest worker: tiny LAPACK calls slow down by orders of magnitude when the
+# workers' thread pools oversubscribe the cores.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 .PHONY: install test test-all lint bench demo clean
 
@@ -17,10 +20,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m '' tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m '' tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
