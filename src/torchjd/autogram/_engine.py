@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -12,8 +12,17 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
+from torchjd.aggregation._utils import PSDMatrix
+from torchjd.aggregation._weighting_bases import GeneralizedWeighting, Weighting
+
 from ._coverage import Coverage, plan_coverage
-from ._gramian_layout import Seeding, make_seeding, normalize_batch_dim, to_generalized_gramian
+from ._gramian_layout import (
+    Seeding,
+    make_seeding,
+    normalize_batch_dim,
+    to_generalized_gramian,
+    to_row_weights,
+)
 from ._graph_checks import check_graph
 from ._recorder import Record, Recorder
 from ._rules import Call
@@ -135,13 +144,91 @@ class Engine:
             the class description).
         """
         try:
-            differentiation = self._differentiate(output)
-            return self._gramian(differentiation)
+            differentiation = self._differentiate(output, retain_graph=True)
+            with torch.no_grad():
+                gramian = self._gramian(differentiation)
+            seeding = differentiation.seeding
+            return to_generalized_gramian(gramian.to(differentiation.dtype), seeding)
         finally:
             self._recorder.paused = False
             self._recorder.take()
 
-    def _differentiate(self, output: Tensor) -> _Differentiation:
+    def backward(
+        self,
+        output: Tensor,
+        weighting: Weighting[PSDMatrix] | GeneralizedWeighting,
+        *,
+        retain_graph: bool = False,
+    ) -> Tensor:
+        r"""Perform the Jacobian descent step of ``output``: Gramian, weights and ``.grad``.
+
+        Fills the ``.grad`` field of every tensor that ``output.backward(weights)`` would fill
+        (accumulating into existing gradients), where ``weights = weighting(gramian)`` and
+        ``gramian`` is what :meth:`compute_gramian` would return, with a single backward pass
+        instead of two: the gradients of the engine's parameters come from the same per-layer
+        quantities as the Gramian. Parameters outside the engine's modules (partial Jacobian
+        descent) get theirs from an ordinary backward weighted by ``weights``, restricted to them.
+
+        >>> import torch
+        >>> from torch.nn import Linear, MSELoss, ReLU, Sequential
+        >>> from torchjd.aggregation import MeanWeighting
+        >>> from torchjd.autogram import Engine
+        >>>
+        >>> model = Sequential(Linear(5, 4), ReLU(), Linear(4, 1))
+        >>> engine = Engine(model, batch_dim=0)
+        >>> criterion = MSELoss(reduction="none")
+        >>> losses = criterion(model(torch.randn(16, 5)).squeeze(1), torch.randn(16))
+        >>> weights = engine.backward(losses, MeanWeighting())  # fills .grad, like losses.mean()
+        >>> weights.shape
+        torch.Size([16])
+
+        Hooks registered on the parameters (``register_hook``,
+        ``register_post_accumulate_grad_hook``) run as in an ordinary backward pass.
+
+        :param output: A tensor computed, with gradients enabled, by the forward pass that
+            followed the previous call to the engine.
+        :param weighting: For a vector ``output``, a :class:`~torchjd.aggregation.Weighting` of
+            Gramians (e.g. :class:`~torchjd.aggregation.UPGradWeighting`); for any shape, a
+            :class:`~torchjd.aggregation.GeneralizedWeighting` (e.g.
+            :class:`~torchjd.aggregation.Flattening`) of generalized Gramians.
+        :param retain_graph: Whether to keep the graph of ``output`` (as in
+            ``output.backward(weights, retain_graph=...)``). When it is not kept, the graph is
+            freed where the backward pass allows it.
+        :returns: The weights, of the shape of ``output``.
+        :raises TypeError: If ``weighting`` does not fit ``output`` (a
+            :class:`~torchjd.aggregation.Weighting` for an output that is not a vector).
+        :raises ValueError: If the weights do not have the shape of ``output``, and in the cases
+            of :meth:`compute_gramian`.
+        """
+        _check_weighting(output, weighting)
+        if not isinstance(retain_graph, bool):
+            raise TypeError(f"Expected `retain_graph` to be a bool; found {retain_graph!r}.")
+        try:
+            differentiation = self._differentiate(output, retain_graph=retain_graph, fused=True)
+            with torch.no_grad():
+                gramian, finish = self._fused_gramian(differentiation)
+            seeding = differentiation.seeding
+            weights = weighting(to_generalized_gramian(gramian.to(differentiation.dtype), seeding))
+            _check_weights(weights, output)
+            with torch.no_grad():
+                grads = finish(to_row_weights(weights.detach(), seeding))
+            if grads:
+                torch.autograd.backward(list(grads), list(grads.values()))
+            if differentiation.external:
+                torch.autograd.backward(
+                    output,
+                    weights.detach().to(output.dtype),
+                    retain_graph=retain_graph,
+                    inputs=differentiation.external,
+                )
+            return weights
+        finally:
+            self._recorder.paused = False
+            self._recorder.take()
+
+    def _differentiate(
+        self, output: Tensor, retain_graph: bool, fused: bool = False
+    ) -> _Differentiation:
         """Run the backward pass giving every reachable call its output gradients, and check."""
         if not isinstance(output, Tensor):
             raise TypeError(f"Expected `output` to be a Tensor; found {type(output)}.")
@@ -166,15 +253,14 @@ class Engine:
         seeding = make_seeding(output, batch_dim)
         batched = batch_dim is not None
         self._recorder.paused = True
-        if records:
-            _backward_to_calls(output, records, seeding)
-        reached = [record for record in records if record.has_gradient()]
-        # Before anything else: a parameter used outside the calls that cover it may be the very
-        # reason why no call was reached. Without any record (e.g. a graph already used by a
-        # previous `compute_gramian`), every use would look uncovered: only the rest is checked.
-        check_graph(
+        targets = _targets(records)
+        # Before the backward pass, from the structure of the graph alone: a parameter used outside
+        # the calls that cover it may be the very reason why no call is reached. Without any record
+        # (e.g. a graph already used by a previous `compute_gramian`), every use would look
+        # uncovered: only the rest is checked.
+        external = check_graph(
             root,
-            reached,
+            records,
             self._covered_ids,
             self._coverage.names if records else {},
             batched,
@@ -185,6 +271,21 @@ class Engine:
                 "run a forward pass with gradients enabled before each `compute_gramian`, in "
                 "which the modules are called (not only their parameters used)."
             )
+        # The graph is kept when something differentiates through it later, and when a batched
+        # (vmap) pass may fail half-way and be retried seed by seed.
+        keep = (
+            retain_graph
+            or not fused
+            or bool(external)
+            or seeding.seeds is not None
+            or any(
+                assignment.rule.needs_graph(record.module)
+                for record in records
+                for assignment in self._coverage.assignments[record.module]
+            )
+        )
+        _backward_to_calls(output, targets, seeding, keep)
+        reached = [record for record in records if record.has_gradient()]
         if not any(
             param.requires_grad
             for record in reached
@@ -200,7 +301,7 @@ class Engine:
         calls_by_module: dict[nn.Module, list[Call]] = {}
         for record in reached:
             calls_by_module.setdefault(record.module, []).append(record.call)
-        return _Differentiation(seeding, batched, calls_by_module, output.dtype)
+        return _Differentiation(seeding, batched, calls_by_module, output.dtype, external)
 
     def _check_record(self, record: Record, seeding: Seeding, batched: bool) -> None:
         module = record.module
@@ -233,43 +334,89 @@ class Engine:
                 )
 
     def _gramian(self, differentiation: _Differentiation) -> Tensor:
+        """The ``[R, R]`` Gramian, in the accumulation dtype; the calls' gradients are dropped."""
+        gramian, _ = self._blocks(differentiation, fused=False)
+        return gramian
+
+    def _fused_gramian(
+        self, differentiation: _Differentiation
+    ) -> tuple[Tensor, Callable[[Tensor], dict[Tensor, Tensor]]]:
+        """The ``[R, R]`` Gramian, and the function of the row weights giving each gradient."""
+        return self._blocks(differentiation, fused=True)
+
+    def _blocks(
+        self, differentiation: _Differentiation, fused: bool
+    ) -> tuple[Tensor, Callable[[Tensor], dict[Tensor, Tensor]]]:
         seeding, batched = differentiation.seeding, differentiation.batched
         num_rows = seeding.num_rows
-        dtype = differentiation.dtype
-        accumulation_dtype = torch.promote_types(dtype, torch.float32)
+        accumulation_dtype = torch.promote_types(differentiation.dtype, torch.float32)
         gramian: Tensor | None = None
-        shared_rows: dict[int, Tensor] = {}
-        for module, calls in differentiation.calls_by_module.items():
+        finishers: list[tuple[Callable[[Tensor], dict[str, Tensor]], dict[str, nn.Parameter]]] = []
+        shared_rows: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        calls_by_module = differentiation.calls_by_module
+        for module in list(calls_by_module):
+            calls = calls_by_module[module]
             for assignment in self._coverage.assignments[module]:
-                live = [name for name, p in assignment.params.items() if p.requires_grad]
-                own = [n for n in live if id(assignment.params[n]) not in self._coverage.shared]
-                shared = [n for n in live if id(assignment.params[n]) in self._coverage.shared]
+                own: list[str] = []
+                shared: list[str] = []
+                for name, param in assignment.params.items():
+                    if param.requires_grad:
+                        (shared if id(param) in self._coverage.shared else own).append(name)
                 if own:
-                    block = assignment.rule.gramian(module, calls, own, batched)
+                    rule = assignment.rule
+                    if fused:
+                        block, weighted = rule.gramian_then_weighted_gradients(
+                            module, calls, own, batched
+                        )
+                        finishers.append((weighted, assignment.params))
+                    else:
+                        block = rule.gramian(module, calls, own, batched)
                     _check_block(block, num_rows, module)
                     block = block.to(accumulation_dtype)
                     gramian = block if gramian is None else gramian + block
                 if shared:
                     rows = assignment.rule.per_row_gradients(module, calls, shared, batched)
                     for name in shared:
-                        key = id(assignment.params[name])
+                        param = assignment.params[name]
                         row = rows[name].to(accumulation_dtype)
-                        shared_rows[key] = row if key not in shared_rows else shared_rows[key] + row
-        for summed_rows in shared_rows.values():
+                        if id(param) in shared_rows:
+                            row = shared_rows[id(param)][1] + row
+                        shared_rows[id(param)] = (param, row)
+            if not fused:
+                # The output gradients of a module are needed by its own block only.
+                del calls_by_module[module]
+                for call in calls:
+                    call.grad_outputs = [None] * len(call.grad_outputs)
+        for _, summed_rows in shared_rows.values():
             flat = summed_rows.reshape(num_rows, -1)
             gramian = flat @ flat.T if gramian is None else gramian + flat @ flat.T
         assert gramian is not None
-        return to_generalized_gramian(gramian.to(dtype), seeding)
+
+        def finish(weights: Tensor) -> dict[Tensor, Tensor]:
+            grads: dict[Tensor, Tensor] = {}
+            for weighted_gradients, params in finishers:
+                for name, grad in weighted_gradients(weights).items():
+                    grads[params[name]] = grad
+            for param, summed_rows in shared_rows.values():
+                grad = torch.tensordot(weights.to(summed_rows.dtype), summed_rows, dims=1)
+                grads[param] = grad.to(param.dtype)
+            return grads
+
+        return gramian, finish
 
 
 @dataclass(eq=False)
 class _Differentiation:
-    """What one backward pass produced: each reachable call with its output gradients."""
+    """What one backward pass produced: each reachable call with its output gradients.
+
+    :param external: The leaves that ``output`` depends on outside the engine's parameters.
+    """
 
     seeding: Seeding
     batched: bool
     calls_by_module: dict[nn.Module, list[Call]]
     dtype: torch.dtype
+    external: list[Tensor]
 
 
 def _remove_hooks(handles: Sequence[RemovableHandle]) -> None:
@@ -281,6 +428,33 @@ def _reads_inputs(coverage: Coverage, module: nn.Module) -> bool:
     return any(a.rule is not FALLBACK_RULE for a in coverage.assignments.get(module, ()))
 
 
+def _check_weighting(output: Tensor, weighting: object) -> None:
+    if isinstance(weighting, GeneralizedWeighting):
+        return
+    if not isinstance(weighting, Weighting):
+        raise TypeError(
+            "Expected `weighting` to be a torchjd.aggregation.Weighting (for a vector `output`) or "
+            f"a torchjd.aggregation.GeneralizedWeighting; found {type(weighting)}."
+        )
+    if isinstance(output, Tensor) and output.ndim != 1:
+        raise TypeError(
+            f"Expected a GeneralizedWeighting for an `output` of shape {tuple(output.shape)}, "
+            "whose Gramian is a generalized Gramian; found a Weighting, which takes the Gramian "
+            "of a vector. Wrap it: `Flattening(weighting)`."
+        )
+
+
+def _check_weights(weights: object, output: Tensor) -> None:
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"Expected the weighting to return a Tensor; found {type(weights)}.")
+    if weights.shape != output.shape or weights.device != output.device:
+        raise ValueError(
+            "Expected the weighting to return one weight per entry of `output`, of shape "
+            f"{tuple(output.shape)} on {output.device}; found shape {tuple(weights.shape)} on "
+            f"{weights.device}."
+        )
+
+
 def _check_block(block: Tensor, num_rows: int, module: nn.Module) -> None:
     if block.shape != (num_rows, num_rows):
         raise RuntimeError(
@@ -289,20 +463,23 @@ def _check_block(block: Tensor, num_rows: int, module: nn.Module) -> None:
         )
 
 
-def _backward_to_calls(output: Tensor, records: Sequence[Record], seeding: Seeding) -> None:
-    """Fill ``grad_outputs`` of every call: ``[K, *out.shape]``, or ``None`` if not reached."""
-    targets: list[tuple[Record, int, GradientEdge, bool]] = []
-    batched_grads: Sequence[Tensor | None]
+_Target = tuple[Record, int, GradientEdge, bool]
+
+
+def _targets(records: Sequence[Record]) -> list[_Target]:
+    """The edges at which each call's output gradients are taken; sets ``entry_nodes``."""
+    targets: list[_Target] = []
     for record in records:
-        record.call.grad_outputs = [None] * len(record.call.outputs)
+        call = record.call
+        call.grad_outputs = [None] * len(call.outputs)
         entry_nodes = set()
         seen_edges = set()
-        for index, edge in enumerate(record.call.output_edges):
+        for index, edge in enumerate(call.output_edges):
             # An output returned twice keeps a gradient only once, so that no rule counts it twice.
             if edge is None or (edge.node, edge.output_nr) in seen_edges:
                 continue
             seen_edges.add((edge.node, edge.output_nr))
-            tensor = record.call.outputs[index]
+            tensor = call.outputs[index]
             from_base = tensor._version != record.output_versions[index] and tensor._is_view()
             if from_base:
                 base_edge = record.output_bases[index]
@@ -317,13 +494,23 @@ def _backward_to_calls(output: Tensor, records: Sequence[Record], seeding: Seedi
             entry_nodes.add(edge.node)
             targets.append((record, index, edge, from_base))
         record.entry_nodes = frozenset(entry_nodes)
+    return targets
+
+
+def _backward_to_calls(
+    output: Tensor, targets: Sequence[_Target], seeding: Seeding, retain_graph: bool
+) -> None:
+    """Fill ``grad_outputs`` of every call: ``[K, *out.shape]``, or ``None`` if not reached."""
+    if not targets:
+        return
     edges = [edge for _, _, edge, _ in targets]
+    batched_grads: Sequence[Tensor | None]
     if seeding.seeds is None:
         grads = torch.autograd.grad(
             output,
             edges,
             grad_outputs=torch.ones_like(output),
-            retain_graph=True,
+            retain_graph=retain_graph,
             allow_unused=True,
         )
         batched_grads = [None if grad is None else grad.unsqueeze(0) for grad in grads]

@@ -104,3 +104,10 @@ def to_generalized_gramian(gramian: Tensor, seeding: Seeding) -> Tensor:
     if ndim > 1:
         result = result.permute(*range(ndim), *reversed(range(ndim, 2 * ndim))).contiguous()
     return result
+
+
+def to_row_weights(weights: Tensor, seeding: Seeding) -> Tensor:
+    """Lay out weights of ``output``'s shape as one weight per row of the Jacobian, ``[R]``."""
+    if seeding.batch_dim is not None:
+        weights = weights.movedim(seeding.batch_dim, -1)
+    return weights.reshape(-1)

@@ -15,6 +15,10 @@ reaching the node of one of its tensor inputs leaves it. It refuses:
 * reentrant activation checkpointing (``use_reentrant=True``), whose backward node hides the
   parameters used inside it.
 
+It also returns the *external leaves*: the tensors (parameters of other modules, inputs requiring
+grad) whose ``.grad`` an ordinary ``output.backward(weights)`` would fill and that no rule covers,
+for the weighted backward of the fused step.
+
 Each node is visited once per (stack, taint) state, i.e. about once: the cost is linear in the size
 of the graph, Python-side, without touching tensor values (no host synchronisation).
 """
@@ -36,13 +40,15 @@ def check_graph(
     covered_ids: Mapping[nn.Module, frozenset[int]],
     names: Mapping[int, str],
     batched: bool,
-) -> None:
-    """Walk the graph from ``root`` and raise a :class:`ValueError` on what it refuses.
+) -> list[Tensor]:
+    """Walk the graph from ``root``, raise a :class:`ValueError` on what it refuses.
 
-    :param records: The calls whose outputs receive a gradient from ``root``.
+    :param records: The recorded calls (with their entry nodes); those whose outputs ``root``
+        does not reach are never entered.
     :param covered_ids: For each hooked module, the ids of the parameters its rules cover.
     :param names: Readable names of the engine's parameters, by id.
     :param batched: Whether per-sample structure is used (``batch_dim`` set).
+    :returns: The leaves reached from ``root`` that are not parameters of the engine's modules.
     """
     entered_at: dict[Node, list[Record]] = {}
     for record in records:
@@ -55,6 +61,7 @@ def check_graph(
     start: tuple[Node, tuple[Record, ...], bool] = (root, (), False)
     seen = {start}
     queue = deque([start])
+    external: dict[int, Tensor] = {}
     while queue:
         node, stack, tainted = queue.popleft()
         while stack and node in stack[-1].input_nodes:
@@ -68,8 +75,11 @@ def check_graph(
 
         kind = type(node).__name__
         if kind == "AccumulateGrad":
-            param_id = id(node.variable)  # type: ignore[attr-defined]
-            if param_id in names and not any(
+            variable = node.variable  # type: ignore[attr-defined]
+            param_id = id(variable)
+            if param_id not in names:
+                external[param_id] = variable
+            elif not any(
                 param_id in covered_ids.get(record.module, frozenset()) for record in stack
             ):
                 raise ValueError(_uncovered_message(names[param_id], stack))
@@ -88,6 +98,7 @@ def check_graph(
             if state not in seen:
                 seen.add(state)
                 queue.append(state)
+    return list(external.values())
 
 
 def _mixes_samples(node: Node, kind: str) -> bool:

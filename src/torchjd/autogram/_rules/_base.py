@@ -18,7 +18,7 @@ called several times has one :class:`Call` per use; its rows are the sums over t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,3 +107,28 @@ class GramianRule(ABC):
         """
         rows = self.per_row_gradients(module, calls, params, batched)
         return {name: torch.tensordot(weights, row, dims=1) for name, row in rows.items()}
+
+    def gramian_then_weighted_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+        """Return the Gramian (as :meth:`gramian`) and a function of the weights ``[R]`` that
+        returns the weighted gradients (as :meth:`weighted_gradients`).
+
+        The fused step of the engine calls this: the weights depend on the Gramian of every
+        module, so they are only known once all Gramians are computed. A rule may override it to
+        reuse, for the weighted gradients, what the Gramian computed (e.g. materialised rows).
+        """
+        gramian = self.gramian(module, calls, params, batched)
+
+        def weighted(weights: Tensor) -> dict[str, Tensor]:
+            return self.weighted_gradients(module, calls, params, batched, weights)
+
+        return gramian, weighted
+
+    def needs_graph(self, module: nn.Module) -> bool:
+        """Whether the rule differentiates through the graph that the calls recorded.
+
+        Rules reading only the calls' arguments and output gradients return ``False``: the fused
+        step may then free the graph during its backward pass, as an ordinary backward does.
+        """
+        return True

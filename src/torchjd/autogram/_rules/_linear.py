@@ -57,6 +57,9 @@ class LinearRule(GramianRule):
                 covered[name] = value
         return covered
 
+    def needs_graph(self, module: nn.Module) -> bool:
+        return False
+
     def per_row_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> dict[str, Tensor]:
