@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -206,14 +206,13 @@ class Engine:
         try:
             differentiation = self._differentiate(output, retain_graph=retain_graph, fused=True)
             with torch.no_grad():
-                gramian, finish = self._fused_gramian(differentiation)
+                gramian, steps = self._fused_gramian(differentiation)
             seeding = differentiation.seeding
             weights = weighting(to_generalized_gramian(gramian.to(differentiation.dtype), seeding))
+            del gramian
             _check_weights(weights, output)
             with torch.no_grad():
-                grads = finish(to_row_weights(weights.detach(), seeding))
-            if grads:
-                torch.autograd.backward(list(grads), list(grads.values()))
+                self._write_gradients(steps, to_row_weights(weights.detach(), seeding))
             if differentiation.external:
                 torch.autograd.backward(
                     output,
@@ -338,24 +337,23 @@ class Engine:
         gramian, _ = self._blocks(differentiation, fused=False)
         return gramian
 
-    def _fused_gramian(
-        self, differentiation: _Differentiation
-    ) -> tuple[Tensor, Callable[[Tensor], dict[Tensor, Tensor]]]:
-        """The ``[R, R]`` Gramian, and the function of the row weights giving each gradient."""
+    def _fused_gramian(self, differentiation: _Differentiation) -> tuple[Tensor, _GradientSteps]:
+        """The ``[R, R]`` Gramian, and what gives the gradients once the weights are known."""
         return self._blocks(differentiation, fused=True)
 
     def _blocks(
         self, differentiation: _Differentiation, fused: bool
-    ) -> tuple[Tensor, Callable[[Tensor], dict[Tensor, Tensor]]]:
+    ) -> tuple[Tensor, _GradientSteps]:
         seeding, batched = differentiation.seeding, differentiation.batched
         num_rows = seeding.num_rows
         accumulation_dtype = torch.promote_types(differentiation.dtype, torch.float32)
         gramian: Tensor | None = None
-        finishers: list[tuple[Callable[[Tensor], dict[str, Tensor]], dict[str, nn.Parameter]]] = []
+        steps = _GradientSteps()
         shared_rows: dict[int, tuple[nn.Parameter, Tensor]] = {}
         calls_by_module = differentiation.calls_by_module
         for module in list(calls_by_module):
-            calls = calls_by_module[module]
+            calls = calls_by_module.pop(module)
+            module_steps: list[_WeightedGradients] = []
             for assignment in self._coverage.assignments[module]:
                 own: list[str] = []
                 shared: list[str] = []
@@ -368,12 +366,14 @@ class Engine:
                         block, weighted = rule.gramian_then_weighted_gradients(
                             module, calls, own, batched
                         )
-                        finishers.append((weighted, assignment.params))
+                        module_steps.append((weighted, assignment.params))
                     else:
                         block = rule.gramian(module, calls, own, batched)
                     _check_block(block, num_rows, module)
+                    # Blocks are new tensors, of the size of the Gramian: summed in place.
                     block = block.to(accumulation_dtype)
-                    gramian = block if gramian is None else gramian + block
+                    gramian = block if gramian is None else gramian.add_(block)
+                    del block
                 if shared:
                     rows = assignment.rule.per_row_gradients(module, calls, shared, batched)
                     for name in shared:
@@ -382,27 +382,56 @@ class Engine:
                         if id(param) in shared_rows:
                             row = shared_rows[id(param)][1] + row
                         shared_rows[id(param)] = (param, row)
-            if not fused:
-                # The output gradients of a module are needed by its own block only.
-                del calls_by_module[module]
-                for call in calls:
-                    call.grad_outputs = [None] * len(call.grad_outputs)
-        for _, summed_rows in shared_rows.values():
+            if module_steps:
+                steps.modules.append((calls, module_steps))
+            else:
+                # The output gradients of a module are needed by its own blocks only.
+                _drop_gradients(calls)
+        for param, summed_rows in shared_rows.values():
             flat = summed_rows.reshape(num_rows, -1)
-            gramian = flat @ flat.T if gramian is None else gramian + flat @ flat.T
+            gramian = flat @ flat.T if gramian is None else gramian.addmm_(flat, flat.T)
+            steps.shared.append((param, summed_rows))
         assert gramian is not None
+        return gramian, steps
 
-        def finish(weights: Tensor) -> dict[Tensor, Tensor]:
+    def _write_gradients(self, steps: _GradientSteps, weights: Tensor) -> None:
+        """Accumulate each gradient into ``.grad``, module by module, freeing what was used."""
+        while steps.modules:
+            calls, module_steps = steps.modules.pop(0)
             grads: dict[Tensor, Tensor] = {}
-            for weighted_gradients, params in finishers:
+            for weighted_gradients, params in module_steps:
                 for name, grad in weighted_gradients(weights).items():
                     grads[params[name]] = grad
-            for param, summed_rows in shared_rows.values():
-                grad = torch.tensordot(weights.to(summed_rows.dtype), summed_rows, dims=1)
-                grads[param] = grad.to(param.dtype)
-            return grads
+            del module_steps
+            _drop_gradients(calls)
+            _accumulate_grads(grads)
+        grads = {}
+        for param, summed_rows in steps.shared:
+            grad = torch.tensordot(weights.to(summed_rows.dtype), summed_rows, dims=1)
+            grads[param] = grad.to(param.dtype)
+        steps.shared.clear()
+        _accumulate_grads(grads)
 
-        return gramian, finish
+
+_WeightedGradients = tuple[Callable[[Tensor], dict[str, Tensor]], dict[str, nn.Parameter]]
+
+
+@dataclass(eq=False)
+class _GradientSteps:
+    """What gives the gradients of the fused step, once the weights are known.
+
+    :param modules: For each module, its calls and, for each of its rules, the function of the
+        weights giving the gradients (by name) and the parameters (by name).
+    :param shared: Each parameter covered by several modules, with its summed rows.
+    """
+
+    modules: list[tuple[list[Call], list[_WeightedGradients]]] = field(default_factory=list)
+    shared: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
+
+
+def _drop_gradients(calls: Sequence[Call]) -> None:
+    for call in calls:
+        call.grad_outputs = [None] * len(call.grad_outputs)
 
 
 @dataclass(eq=False)
@@ -455,6 +484,37 @@ def _check_weights(weights: object, output: Tensor) -> None:
         )
 
 
+def _accumulate_grads(grads: dict[Tensor, Tensor]) -> None:
+    """Accumulate each gradient into its parameter's ``.grad``, as ``AccumulateGrad`` does.
+
+    Directly when the parameter has no hooks: through autograd, a gradient held here would be
+    copied (a fresh allocation of the size of the model, and its page faults, on every step).
+    Parameters with hooks (``register_hook``, ``register_post_accumulate_grad_hook``) go through
+    autograd, which runs them.
+    """
+    hooked_params: list[Tensor] = []
+    hooked_grads: list[Tensor] = []
+    for param, grad in grads.items():
+        if grad.shape != param.shape or grad.dtype != param.dtype:
+            raise RuntimeError(
+                f"A rule returned a gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} "
+                f"for a parameter of shape {tuple(param.shape)} and dtype {param.dtype}. This is a "
+                "bug in the rule."
+            )
+        if param._backward_hooks or param._post_accumulate_grad_hooks:
+            hooked_params.append(param)
+            hooked_grads.append(grad)
+        elif param.grad is None:
+            # The layout of the parameter, as autograd's "gradient layout contract" requires.
+            if grad.stride() != param.stride():
+                grad = torch.empty_like(param).copy_(grad)
+            param.grad = grad
+        else:
+            param.grad += grad
+    if hooked_params:
+        torch.autograd.backward(hooked_params, hooked_grads)
+
+
 def _check_block(block: Tensor, num_rows: int, module: nn.Module) -> None:
     if block.shape != (num_rows, num_rows):
         raise RuntimeError(
@@ -470,6 +530,7 @@ def _targets(records: Sequence[Record]) -> list[_Target]:
     """The edges at which each call's output gradients are taken; sets ``entry_nodes``."""
     targets: list[_Target] = []
     for record in records:
+        record.resolve_outputs()
         call = record.call
         call.grad_outputs = [None] * len(call.outputs)
         entry_nodes = set()
@@ -479,8 +540,13 @@ def _targets(records: Sequence[Record]) -> list[_Target]:
             if edge is None or (edge.node, edge.output_nr) in seen_edges:
                 continue
             seen_edges.add((edge.node, edge.output_nr))
-            tensor = call.outputs[index]
-            from_base = tensor._version != record.output_versions[index] and tensor._is_view()
+            # Only views are rewired by in-place operations; they are held strongly.
+            tensor = record.output(index)
+            from_base = (
+                tensor is not None
+                and tensor._is_view()
+                and tensor._version != record.output_versions[index]
+            )
             if from_base:
                 base_edge = record.output_bases[index]
                 if base_edge is None:

@@ -1,13 +1,16 @@
 """The forward hooks of the engine: one :class:`Record` per call of a hooked module.
 
-A record holds references (never copies) to what the module received and returned, and the
-gradient edges of its outputs and inputs, taken when the call returned: later in-place operations
+A record holds references (never copies) to what the module received, and the gradient edges of
+its outputs and inputs, taken when the call returned: later in-place operations
 (``ReLU(inplace=True)`` on a layer's output) give the tensors a new ``grad_fn``, while the edges
-keep pointing at the module's own graph.
+keep pointing at the module's own graph. The outputs themselves are held weakly, so that an output
+that nothing else uses is freed as in an ordinary forward pass (e.g. a Linear's output followed by
+a ReLU, which saves its own result); views are the exception (see :class:`Record`).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +27,7 @@ from ._rules import Call
 class Record:
     """One recorded forward call of a hooked module.
 
-    :param call: What the rules see.
+    :param call: What the rules see; its ``outputs`` are set by :meth:`resolve_outputs`.
     :param module: The module that was called.
     :param order: Position of the call among the engine's records (a call returns after the calls
         nested in it, so an enclosing call has a larger order than the calls it contains).
@@ -37,6 +40,10 @@ class Record:
         ``F.linear`` returns for 3-d inputs), the gradient edge of that base tensor, else ``None``.
         An in-place operation on such a view rewires the graph around the view's own node (a
         ``CopySlices`` node on the base), so its gradient is then taken at the base's edge.
+    :param output_refs: Each output, held weakly, except views that require grad: an in-place
+        operation on a view changes where its gradient must be taken, which only its version
+        counter tells (a view shares it with its base, hence keeps the base's memory alive).
+    :param output_specs: The shape, dtype, device and ``requires_grad`` of each output.
     :param entry_nodes: The nodes at which the gradient towards the call's outputs was taken (set
         by the engine's backward pass).
     """
@@ -49,10 +56,33 @@ class Record:
     uses_batch_statistics: bool
     output_versions: tuple[int, ...]
     output_bases: tuple[GradientEdge | None, ...]
+    output_refs: tuple[Tensor | weakref.ref[Tensor], ...]
+    output_specs: tuple[tuple[torch.Size, torch.dtype, torch.device, bool], ...]
     entry_nodes: frozenset[Node] = frozenset()
 
     def has_gradient(self) -> bool:
         return any(grad is not None for grad in self.call.grad_outputs)
+
+    def output(self, index: int) -> Tensor | None:
+        """The output ``index`` if it is still alive."""
+        ref = self.output_refs[index]
+        return ref if isinstance(ref, Tensor) else ref()
+
+    def resolve_outputs(self) -> None:
+        """Give the call its outputs: those still alive, and stand-ins for the freed ones.
+
+        A stand-in is a tensor on the ``meta`` device with the shape, dtype and ``requires_grad``
+        of the output: rules only read these (and never the values of the outputs).
+        """
+        outputs = []
+        for index, (shape, dtype, _, requires_grad) in enumerate(self.output_specs):
+            tensor = self.output(index)
+            if tensor is None:
+                tensor = torch.empty(shape, dtype=dtype, device="meta")
+                if requires_grad:
+                    tensor.requires_grad_()
+            outputs.append(tensor)
+        self.call.outputs = tuple(outputs)
 
 
 class Recorder:
@@ -85,7 +115,7 @@ class Recorder:
             get_gradient_edge(tensor).node for tensor in inputs if tensor.requires_grad
         )
         record = Record(
-            call=Call(args=args, kwargs=kwargs, outputs=outputs, output_edges=output_edges),
+            call=Call(args=args, kwargs=kwargs, outputs=(), output_edges=output_edges),
             module=module,
             order=self._next_order,
             input_nodes=input_nodes,
@@ -93,6 +123,14 @@ class Recorder:
             uses_batch_statistics=_uses_batch_statistics(module),
             output_versions=tuple(tensor._version for tensor in outputs),
             output_bases=tuple(_reshaped_base_edge(tensor, outputs) for tensor in outputs),
+            output_refs=tuple(
+                tensor if tensor.requires_grad and tensor._is_view() else weakref.ref(tensor)
+                for tensor in outputs
+            ),
+            output_specs=tuple(
+                (tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
+                for tensor in outputs
+            ),
         )
         self._next_order += 1
         self.records.append(record)

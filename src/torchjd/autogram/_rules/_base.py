@@ -82,7 +82,10 @@ class GramianRule(ABC):
     def gramian(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> Tensor:
-        """Return the ``[R, R]`` Gramian of the rows restricted to ``params``."""
+        """Return the ``[R, R]`` Gramian of the rows restricted to ``params``.
+
+        The result must be a new tensor: the engine sums the blocks of the rules in place.
+        """
         rows = self.per_row_gradients(module, calls, params, batched)
         gramian: Tensor | None = None
         for row in rows.values():

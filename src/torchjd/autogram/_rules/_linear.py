@@ -217,18 +217,22 @@ def _bias_rows(terms: Sequence[_Term]) -> Tensor:
 
 
 def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
-    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` (``+ 1`` for the bias), the common case of one vector per sample."""
+    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` (``+ 1`` for the bias), the common case of one vector per sample.
+
+    In place, so that only two ``[R, R]`` matrices exist at a time.
+    """
     num_seeds, batch_size = term.grads.shape[:2]
     num_rows = num_seeds * batch_size
     inputs = term.inputs[:, 0]
     grads = term.grads.reshape(num_rows, -1)
     inputs_gramian = inputs @ inputs.T
     if with_bias:
-        inputs_gramian = inputs_gramian + 1
-    grads_gramian = (grads @ grads.T).reshape(num_seeds, batch_size, num_seeds, batch_size)
-    return (grads_gramian * inputs_gramian.reshape(1, batch_size, 1, batch_size)).reshape(
-        num_rows, num_rows
+        inputs_gramian += 1.0
+    gramian = grads @ grads.T
+    gramian.view(num_seeds, batch_size, num_seeds, batch_size).mul_(
+        inputs_gramian.view(1, batch_size, 1, batch_size)
     )
+    return gramian
 
 
 def _ghost_cost(terms: Sequence[_Term]) -> int:
