@@ -11,6 +11,7 @@ a ReLU, which saves its own result); views are the exception (see :class:`Record
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,15 +105,24 @@ class Recorder:
         # the backward pass), the calls are not new uses of the modules.
         if self.paused or not torch.is_grad_enabled():
             return
-        outputs = tuple(leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor))
+        # The common cases (one output tensor, positional tensor arguments) skip the pytree walks.
+        if isinstance(output, Tensor):
+            outputs: tuple[Tensor, ...] = (output,)
+        else:
+            outputs = tuple(leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor))
         if not any(tensor.requires_grad for tensor in outputs):
             return
         output_edges = tuple(
             get_gradient_edge(tensor) if tensor.requires_grad else None for tensor in outputs
         )
-        inputs = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        if not kwargs and all(isinstance(arg, Tensor) for arg in args):
+            inputs: Sequence[Tensor] = args
+        else:
+            inputs = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
         input_nodes = frozenset(
-            get_gradient_edge(tensor).node for tensor in inputs if tensor.requires_grad
+            tensor.grad_fn if tensor.grad_fn is not None else get_gradient_edge(tensor).node
+            for tensor in inputs
+            if tensor.requires_grad
         )
         record = Record(
             call=Call(args=args, kwargs=kwargs, outputs=(), output_edges=output_edges),

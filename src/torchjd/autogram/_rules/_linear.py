@@ -19,7 +19,7 @@ nothing, and the engine uses the exact generic fallback for its parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,21 +78,7 @@ class LinearRule(GramianRule):
     ) -> Tensor:
         _check_params(params)
         terms = _terms(module, calls, batched)
-        with_weight, with_bias = "weight" in params, "bias" in params
-        if with_weight and len(terms) == 1 and terms[0].positions == 1:
-            return _one_vector_gramian(terms[0], with_bias)
-        gramian = None
-        if with_weight:
-            if _ghost_cost(terms) <= _per_sample_cost(terms):
-                gramian = _ghost_gramian(terms)
-            else:
-                flat = _weight_rows(terms).flatten(start_dim=1)
-                gramian = flat @ flat.T
-        if with_bias:
-            bias_rows = _bias_rows(terms)
-            bias_gramian = bias_rows @ bias_rows.T
-            gramian = bias_gramian if gramian is None else gramian + bias_gramian
-        assert gramian is not None
+        gramian, _ = _gramian(terms, "weight" in params, "bias" in params, keep_rows=False)
         return gramian
 
     def weighted_gradients(
@@ -104,30 +90,27 @@ class LinearRule(GramianRule):
         weights: Tensor,
     ) -> dict[str, Tensor]:
         _check_params(params)
+        return _weighted_gradients(module, _terms(module, calls, batched), params, weights)
+
+    def gramian_then_weighted_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+        _check_params(params)
         terms = _terms(module, calls, batched)
-        weight_total: Tensor | None = None
-        bias_total: Tensor | None = None
-        for term in terms:
-            num_seeds, batch_size = term.grads.shape[:2]
-            if weights.shape != (num_seeds * batch_size,):
-                raise ValueError(
-                    f"Expected `weights` to have shape ({num_seeds * batch_size},), one weight per "
-                    f"Jacobian row; found {tuple(weights.shape)}."
-                )
-            per_row = weights.to(term.grads.dtype).reshape(num_seeds, batch_size)
-            combined = torch.einsum("ki,kitb->itb", per_row, term.grads)
-            if "weight" in params:
-                part = combined.flatten(end_dim=1).T @ term.inputs.flatten(end_dim=1)
-                weight_total = part if weight_total is None else weight_total + part
+        gramian, rows = _gramian(terms, "weight" in params, "bias" in params, keep_rows=True)
+
+        def weighted(weights: Tensor) -> dict[str, Tensor]:
+            if rows is None:
+                return _weighted_gradients(module, terms, params, weights)
+            # The per-sample form materialised the rows: their weighted sum is a small product.
+            _check_weights(terms, weights)
+            weight = module.get_parameter("weight")
+            result = {"weight": (weights.to(rows.dtype) @ rows).view(weight.shape).to(weight.dtype)}
             if "bias" in params:
-                part = combined.sum(dim=(0, 1))
-                bias_total = part if bias_total is None else bias_total + part
-        result = {}
-        if weight_total is not None:
-            result["weight"] = weight_total.to(_dtype_of(module, "weight"))
-        if bias_total is not None:
-            result["bias"] = bias_total.to(_dtype_of(module, "bias"))
-        return {name: result[name] for name in params}
+                result.update(_weighted_gradients(module, terms, ["bias"], weights))
+            return {name: result[name] for name in params}
+
+        return gramian, weighted
 
 
 register_rule(nn.Linear, LinearRule())
@@ -194,6 +177,89 @@ def _terms(module: nn.Module, calls: Sequence[Call], batched: bool) -> list[_Ter
     if not terms:
         raise ValueError("Expected at least one call with an output gradient; found none.")
     return terms
+
+
+def _check_weights(terms: Sequence[_Term], weights: Tensor) -> None:
+    num_seeds, batch_size = terms[0].grads.shape[:2]
+    if weights.shape != (num_seeds * batch_size,):
+        raise ValueError(
+            f"Expected `weights` to have shape ({num_seeds * batch_size},), one weight per "
+            f"Jacobian row; found {tuple(weights.shape)}."
+        )
+
+
+def _weighted_gradients(
+    module: nn.Module, terms: Sequence[_Term], params: Sequence[str], weights: Tensor
+) -> dict[str, Tensor]:
+    """``Σ_r weights[r] row_r``: the output gradients combined by the weights, then one GEMM."""
+    _check_weights(terms, weights)
+    weight_total: Tensor | None = None
+    bias_total: Tensor | None = None
+    for term in terms:
+        num_seeds, batch_size = term.grads.shape[:2]
+        per_row = weights.to(term.grads.dtype).view(num_seeds, batch_size)
+        combined = _combine_seeds(term.grads, per_row)
+        if "weight" in params:
+            flat_grads = combined.flatten(end_dim=1).T
+            flat_inputs = term.inputs.flatten(end_dim=1)
+            if weight_total is None:
+                weight_total = flat_grads @ flat_inputs
+            else:
+                weight_total.addmm_(flat_grads, flat_inputs)
+        if "bias" in params:
+            part = combined.sum(dim=(0, 1))
+            bias_total = part if bias_total is None else bias_total + part
+    result = {}
+    if weight_total is not None:
+        result["weight"] = weight_total.to(_dtype_of(module, "weight"))
+    if bias_total is not None:
+        result["bias"] = bias_total.to(_dtype_of(module, "bias"))
+    return {name: result[name] for name in params}
+
+
+def _combine_seeds(grads: Tensor, per_row: Tensor) -> Tensor:
+    """``Σ_k per_row[k, i] grads[k, i]``, ``[B, T, b]``.
+
+    A few seeds are summed one by one: ``einsum`` would run one tiny product per sample.
+    """
+    num_seeds, batch_size = per_row.shape
+    if num_seeds > 16:
+        return torch.einsum("ki,kitb->itb", per_row, grads)
+    combined = grads[0] * per_row[0].view(batch_size, 1, 1)
+    for seed in range(1, num_seeds):
+        combined.addcmul_(grads[seed], per_row[seed].view(batch_size, 1, 1))
+    return combined
+
+
+def _gramian(
+    terms: Sequence[_Term], with_weight: bool, with_bias: bool, keep_rows: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The Gramian by the cheaper exact form, and the weight rows ``[R, b·a]`` if materialised.
+
+    The rows are only returned when ``keep_rows`` and when they take no more memory than the
+    term's inputs and output gradients (for the fused step, which may then reuse them).
+    """
+    if with_weight and len(terms) == 1 and terms[0].positions == 1:
+        return _one_vector_gramian(terms[0], with_bias), None
+    gramian: Tensor | None = None
+    kept: Tensor | None = None
+    if with_weight:
+        if _ghost_cost(terms) <= _per_sample_cost(terms):
+            gramian = _ghost_gramian(terms)
+        else:
+            rows = _weight_rows(terms).flatten(start_dim=1)
+            gramian = rows @ rows.T
+            held = sum(term.inputs.numel() + term.grads.numel() for term in terms)
+            if keep_rows and rows.numel() <= held:
+                kept = rows
+    if with_bias:
+        bias_rows = _bias_rows(terms)
+        if gramian is None:
+            gramian = bias_rows @ bias_rows.T
+        else:
+            gramian.addmm_(bias_rows, bias_rows.T)
+    assert gramian is not None
+    return gramian, kept
 
 
 def _weight_rows(terms: Sequence[_Term]) -> Tensor:
