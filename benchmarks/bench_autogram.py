@@ -1,28 +1,50 @@
 """Cost of a Jacobian-descent step relative to a plain SGD step, on the issue's model zoo.
 
-For each model and batch size, in one process: median time and peak memory of
-- ``sgd``: ``losses.mean().backward()`` then ``optimizer.step()``,
-- ``autojac``: ``torchjd.autojac.backward(losses, UPGrad())``,
+For each model and batch size, in one process: median wall time and peak memory of
+- ``sgd``: ``losses.mean().backward()`` then ``optimizer.step()``, on a copy of the model that no
+  engine hooks (plain PyTorch),
+- ``autojac``: ``torchjd.autojac.backward(losses, UPGrad())`` (when the Jacobian fits in memory),
 - ``loop``: the 0.8.0 loop ``engine.compute_gramian`` + ``weighting`` + ``losses.backward(w)``,
 - ``fused``: ``engine.backward(losses, weighting)`` (Gramian, weights and ``.grad`` in one pass),
-each including the forward pass, and their ratios to ``sgd``. The weighting is UPGradWeighting.
+each including the forward pass and the optimizer step, and their ratios to ``sgd``. ``loop`` and
+``fused`` run with ``UPGradWeighting`` (``[UPGrad]`` columns, which include its solver) and with
+``MeanWeighting`` (``[Mean]``: the engine's own cost, the solver's being almost nil).
+
+Times are medians over rounds in which every step runs once (interleaved, so that a change of the
+machine's load hits all steps alike). The peak memory is the most CPU memory allocated by torch
+during one step above the level at its start, with the gradients set to ``None`` before the step
+(``optimizer.zero_grad()`` outside the measured region, so that freeing the previous gradients does
+not count). Run: ``python -m benchmarks bench_autogram`` (``make bench`` runs every suite).
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
-from benchmarks._measure import format_table, median_seconds, peak_bytes, set_threads
-from torchjd.aggregation import Flattening, UPGrad, UPGradWeighting
+from benchmarks._measure import format_table, set_threads
+from torchjd.aggregation import (
+    Flattening,
+    GeneralizedWeighting,
+    MeanWeighting,
+    UPGrad,
+    UPGradWeighting,
+    Weighting,
+)
 from torchjd.autogram import Engine
 from torchjd.autojac import backward
 
-_MAX_JACOBIAN_BYTES = 1.5e9
+_MAX_JACOBIAN_BYTES = 4e8
+_ROUNDS = 10
+_WARMUP_ROUNDS = 2
 
 
 @dataclass
@@ -140,66 +162,136 @@ def _settings() -> list[Setting]:
     return settings
 
 
-def _steps(setting: Setting) -> dict[str, Callable[[], Any]]:
+def _upgrad_is_implemented() -> bool:
+    try:
+        UPGradWeighting()(torch.eye(2))
+    except NotImplementedError:
+        return False
+    return True
+
+
+@dataclass
+class _Step:
+    """A measured step (``run``) and what resets the state before it (``reset``)."""
+
+    run: Callable[[], Any]
+    reset: Callable[[], Any]
+
+
+def _steps(setting: Setting, with_upgrad: bool) -> dict[str, _Step]:
     torch.manual_seed(0)
     model = setting.make_model()
+    plain_model = copy.deepcopy(model)  # before the engine hooks `model`
     x, y = setting.make_batch(setting.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=1e-3)
     engine = Engine(model, batch_dim=0)
-    gramian_weighting = UPGradWeighting()
-    weighting: Any = gramian_weighting if setting.name[:5] != "iwmtl" else Flattening(gramian_weighting)
-    aggregator = UPGrad()
+    vector = setting.name[:5] != "iwmtl"
+
+    def fit(weighting: Weighting[Tensor]) -> Weighting[Tensor] | GeneralizedWeighting:
+        return weighting if vector else Flattening(weighting)
 
     def sgd() -> None:
-        optimizer.zero_grad()
-        setting.losses_of(model, x, y).mean().backward()
-        optimizer.step()
+        setting.losses_of(plain_model, x, y).mean().backward()
+        plain_optimizer.step()
 
     def autojac() -> None:
-        optimizer.zero_grad()
-        backward(setting.losses_of(model, x, y).reshape(-1), aggregator)
+        backward(setting.losses_of(model, x, y).reshape(-1), UPGrad())
         optimizer.step()
 
-    def loop() -> None:
-        optimizer.zero_grad()
-        losses = setting.losses_of(model, x, y)
-        losses.backward(weighting(engine.compute_gramian(losses)))
-        optimizer.step()
+    def make_loop(weighting: Weighting[Tensor] | GeneralizedWeighting) -> Callable[[], None]:
+        def loop() -> None:
+            losses = setting.losses_of(model, x, y)
+            losses.backward(weighting(engine.compute_gramian(losses)))
+            optimizer.step()
 
-    def fused() -> None:
-        optimizer.zero_grad()
-        engine.backward(setting.losses_of(model, x, y), weighting)  # type: ignore[attr-defined]
-        optimizer.step()
+        return loop
 
-    steps: dict[str, Callable[[], Any]] = {"sgd": sgd, "loop": loop}
+    def make_fused(weighting: Weighting[Tensor] | GeneralizedWeighting) -> Callable[[], None]:
+        def fused() -> None:
+            engine.backward(setting.losses_of(model, x, y), weighting)
+            optimizer.step()
+
+        return fused
+
+    def zero_plain() -> None:
+        plain_optimizer.zero_grad(set_to_none=True)
+
+    def zero() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    steps = {"sgd": _Step(sgd, zero_plain)}
+    if with_upgrad:
+        steps["fused[UPGrad]"] = _Step(make_fused(fit(UPGradWeighting())), zero)
+        steps["loop[UPGrad]"] = _Step(make_loop(fit(UPGradWeighting())), zero)
+    steps["fused[Mean]"] = _Step(make_fused(fit(MeanWeighting())), zero)
+    steps["loop[Mean]"] = _Step(make_loop(fit(MeanWeighting())), zero)
     n_params = sum(p.numel() for p in model.parameters())
-    n_rows = setting.losses_of(model, x, y).numel()
-    if n_rows * n_params * 4 <= _MAX_JACOBIAN_BYTES:
-        steps["autojac"] = autojac
-    if hasattr(engine, "backward"):
-        steps["fused"] = fused
+    n_rows = x.shape[0] * (1 if vector else y.shape[1])
+    if with_upgrad and n_rows * n_params * 4 <= _MAX_JACOBIAN_BYTES:
+        steps["autojac[UPGrad]"] = _Step(autojac, zero)
     return steps
+
+
+def _median_times(steps: dict[str, _Step]) -> dict[str, float]:
+    """Median seconds of each step, over interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(_WARMUP_ROUNDS + _ROUNDS):
+        for name, step in steps.items():
+            if name.startswith("autojac") and round_index >= _WARMUP_ROUNDS + 3:
+                continue  # slow, and only for reference
+            step.reset()
+            start = time.perf_counter()
+            step.run()
+            if round_index >= _WARMUP_ROUNDS:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _peak_bytes(step: _Step) -> int:
+    """The most CPU memory allocated by torch during ``step.run()``, above the level at start.
+
+    Replays the profiler's allocation and free events in time order.
+    """
+    step.reset()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step.run()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, size in events:
+        current += size
+        peak = max(peak, current)
+    return peak
 
 
 def run() -> list[dict[str, Any]]:
     set_threads(2)
+    with_upgrad = _upgrad_is_implemented()
+    if not with_upgrad:
+        print("  UPGradWeighting is not implemented yet: [UPGrad] columns left out")
     rows = []
     for setting in _settings():
-        steps = _steps(setting)
+        steps = _steps(setting, with_upgrad)
         row: dict[str, Any] = {"model": setting.name, "B": setting.batch_size}
+        for name, seconds in _median_times(steps).items():
+            row[f"{name}_ms"] = 1e3 * seconds
         for name, step in steps.items():
-            repeats = 3 if name == "autojac" else 10
-            row[f"{name}_ms"] = 1e3 * median_seconds(step, repeats=repeats)
-            row[f"{name}_peak_MB"] = peak_bytes(step) / 1e6
+            step.run()  # allocations made once (e.g. the optimizer's state) do not count
+            row[f"{name}_MB"] = _peak_bytes(step) / 1e6
         for name in steps:
             if name != "sgd":
                 row[f"{name}_x"] = row[f"{name}_ms"] / row["sgd_ms"]
-                row[f"{name}_mem_x"] = row[f"{name}_peak_MB"] / max(row["sgd_peak_MB"], 1e-9)
+                row[f"{name}_mem_x"] = row[f"{name}_MB"] / max(row["sgd_MB"], 1e-9)
         rows.append(row)
         print(f"  {setting.name} B={setting.batch_size} done", flush=True)
-    columns = ["model", "B", "sgd_ms", "sgd_peak_MB"]
-    for name in ("fused", "loop", "autojac"):
-        columns += [f"{name}_x", f"{name}_mem_x"]
+    columns = ["model", "B", "sgd_ms", "sgd_MB"]
+    for name in ("fused[UPGrad]", "loop[UPGrad]", "fused[Mean]", "loop[Mean]", "autojac[UPGrad]"):
+        if any(f"{name}_x" in row for row in rows):
+            columns += [f"{name}_x", f"{name}_mem_x"]
     print(format_table(rows, columns))
     return rows
 

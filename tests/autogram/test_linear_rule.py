@@ -134,3 +134,46 @@ def test_bad_arguments() -> None:
         RULE.gramian(lin, unbatched, ["weight"], True)
     expected = reference_rows(unbatched, [lin.weight], False)
     torch.testing.assert_close(RULE.gramian(lin, unbatched, ["weight"], False), gram(expected))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("batch_size", [256, 300])
+def test_symmetric_blocks_of_many_rows(batch_size: int, with_bias: bool) -> None:
+    """Many samples go through the block-wise (lower half only) form: same Gramian."""
+    torch.manual_seed(0)
+    lin = nn.Linear(7, 4, bias=with_bias)
+    calls = _calls(lin, [(batch_size, 7)], 1)
+    params = ["weight", "bias"] if with_bias else ["weight"]
+    x, grad = calls[0].args[0], calls[0].grad_outputs[0][0]
+    expected = (x @ x.T + (1.0 if with_bias else 0.0)) * (grad @ grad.T)
+    gramian = RULE.gramian(lin, calls, params, batched=True)
+    torch.testing.assert_close(gramian, expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gramian, gramian.T)
+
+
+@pytest.mark.parametrize(("shapes", "num_seeds"), SHAPES)
+@pytest.mark.parametrize("batched", [True, False])
+def test_fused_form_matches_separate_calls(
+    shapes: list[tuple[int, ...]], num_seeds: int, batched: bool
+) -> None:
+    """``gramian_then_weighted_gradients`` (which may reuse per-sample rows) agrees."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    calls = _calls(lin, shapes, num_seeds)
+    expected = reference_rows(calls, [lin.weight, lin.bias], batched)
+    for params in (["weight", "bias"], ["weight"], ["bias"]):
+        gramian, weighted = RULE.gramian_then_weighted_gradients(lin, calls, params, batched)
+        wanted = (
+            [expected[0]]
+            if params == ["weight"]
+            else expected[1:]
+            if params == ["bias"]
+            else expected
+        )
+        torch.testing.assert_close(gramian, gram(wanted), rtol=1e-5, atol=1e-4)
+        weights = torch.randn(expected[0].shape[0])
+        result = weighted(weights)
+        assert list(result) == params
+        for name, rows in zip(["weight", "bias"], expected):
+            if name in params:
+                torch.testing.assert_close(result[name], torch.tensordot(weights, rows, dims=1))

@@ -208,8 +208,10 @@ class Engine:
             with torch.no_grad():
                 gramian, steps = self._fused_gramian(differentiation)
             seeding = differentiation.seeding
-            weights = weighting(to_generalized_gramian(gramian.to(differentiation.dtype), seeding))
-            del gramian
+            generalized_gramian = to_generalized_gramian(gramian.to(differentiation.dtype), seeding)
+            del gramian  # before the weighting runs: its layout may be a copy
+            weights = weighting(generalized_gramian)
+            del generalized_gramian
             _check_weights(weights, output)
             with torch.no_grad():
                 self._write_gradients(steps, to_row_weights(weights.detach(), seeding))
@@ -385,8 +387,8 @@ class Engine:
             if module_steps:
                 steps.modules.append((calls, module_steps))
             else:
-                # The output gradients of a module are needed by its own blocks only.
-                _drop_gradients(calls)
+                # What the calls of a module hold is needed by its own blocks only.
+                _release(calls)
         for param, summed_rows in shared_rows.values():
             flat = summed_rows.reshape(num_rows, -1)
             gramian = flat @ flat.T if gramian is None else gramian.addmm_(flat, flat.T)
@@ -395,15 +397,21 @@ class Engine:
         return gramian, steps
 
     def _write_gradients(self, steps: _GradientSteps, weights: Tensor) -> None:
-        """Accumulate each gradient into ``.grad``, module by module, freeing what was used."""
+        """Accumulate each gradient into ``.grad``, module by module, freeing what was used.
+
+        The last modules of the forward pass come first, as in a backward pass: their inputs are
+        usually the largest activations.
+        """
         while steps.modules:
-            calls, module_steps = steps.modules.pop(0)
+            calls, module_steps = steps.modules.pop()
+            # The steps hold what they need, and free it as they go.
+            _release(calls)
             grads: dict[Tensor, Tensor] = {}
-            for weighted_gradients, params in module_steps:
+            while module_steps:
+                weighted_gradients, params = module_steps.pop()
                 for name, grad in weighted_gradients(weights).items():
                     grads[params[name]] = grad
-            del module_steps
-            _drop_gradients(calls)
+                del weighted_gradients
             _accumulate_grads(grads)
         grads = {}
         for param, summed_rows in steps.shared:
@@ -429,9 +437,12 @@ class _GradientSteps:
     shared: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
 
 
-def _drop_gradients(calls: Sequence[Call]) -> None:
+def _release(calls: Sequence[Call]) -> None:
+    """Drop the references of ``calls`` to their arguments and output gradients."""
     for call in calls:
         call.grad_outputs = [None] * len(call.grad_outputs)
+        call.args = ()
+        call.kwargs = {}
 
 
 @dataclass(eq=False)

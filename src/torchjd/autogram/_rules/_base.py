@@ -120,11 +120,21 @@ class GramianRule(ABC):
         The fused step of the engine calls this: the weights depend on the Gramian of every
         module, so they are only known once all Gramians are computed. A rule may override it to
         reuse, for the weighted gradients, what the Gramian computed (e.g. materialised rows).
+        The function is called at most once, after the engine has dropped its own references to
+        the calls' arguments and output gradients: it must hold what it needs (and may free it
+        as it goes).
         """
         gramian = self.gramian(module, calls, params, batched)
+        # Copies of the calls, which the engine empties before calling `weighted`.
+        held = [
+            Call(call.args, call.kwargs, call.outputs, list(call.grad_outputs), call.output_edges)
+            for call in calls
+        ]
 
         def weighted(weights: Tensor) -> dict[str, Tensor]:
-            return self.weighted_gradients(module, calls, params, batched, weights)
+            result = self.weighted_gradients(module, held, params, batched, weights)
+            held.clear()
+            return result
 
         return gramian, weighted
 

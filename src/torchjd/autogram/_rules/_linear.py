@@ -101,7 +101,10 @@ class LinearRule(GramianRule):
 
         def weighted(weights: Tensor) -> dict[str, Tensor]:
             if rows is None:
-                return _weighted_gradients(module, terms, params, weights)
+                # Each call's output gradients are freed as soon as they are combined.
+                held = list(terms)
+                terms.clear()
+                return _weighted_gradients(module, held, params, weights, consume=True)
             # The per-sample form materialised the rows: their weighted sum is a small product.
             _check_weights(terms, weights)
             weight = module.get_parameter("weight")
@@ -189,19 +192,32 @@ def _check_weights(terms: Sequence[_Term], weights: Tensor) -> None:
 
 
 def _weighted_gradients(
-    module: nn.Module, terms: Sequence[_Term], params: Sequence[str], weights: Tensor
+    module: nn.Module,
+    terms: list[_Term],
+    params: Sequence[str],
+    weights: Tensor,
+    consume: bool = False,
 ) -> dict[str, Tensor]:
-    """``Σ_r weights[r] row_r``: the output gradients combined by the weights, then one GEMM."""
+    """``Σ_r weights[r] row_r``: the output gradients combined by the weights, then one GEMM.
+
+    :param consume: Whether to empty ``terms`` on the way, each term being dropped (with its
+        output gradients) as soon as they are combined.
+    """
     _check_weights(terms, weights)
     weight_total: Tensor | None = None
     bias_total: Tensor | None = None
-    for term in terms:
+    for index in range(len(terms)):
+        term = terms[0] if consume else terms[index]
+        if consume:
+            del terms[0]
         num_seeds, batch_size = term.grads.shape[:2]
         per_row = weights.to(term.grads.dtype).view(num_seeds, batch_size)
         combined = _combine_seeds(term.grads, per_row)
+        inputs = term.inputs
+        del term
         if "weight" in params:
             flat_grads = combined.flatten(end_dim=1).T
-            flat_inputs = term.inputs.flatten(end_dim=1)
+            flat_inputs = inputs.flatten(end_dim=1)
             if weight_total is None:
                 weight_total = flat_grads @ flat_inputs
             else:
@@ -285,12 +301,15 @@ def _bias_rows(terms: Sequence[_Term]) -> Tensor:
 def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
     """``(X Xᵀ + 1) ∘ (D Dᵀ)`` (``+ 1`` for the bias), the common case of one vector per sample.
 
-    In place, so that only two ``[R, R]`` matrices exist at a time.
+    In place, so that only two ``[R, R]`` matrices exist at a time; for many rows and one seed,
+    by blocks of rows, computing only the lower half (the Gramian is symmetric).
     """
     num_seeds, batch_size = term.grads.shape[:2]
     num_rows = num_seeds * batch_size
     inputs = term.inputs[:, 0]
     grads = term.grads.reshape(num_rows, -1)
+    if num_seeds == 1 and num_rows >= 2 * _SYMMETRIC_BLOCK:
+        return _symmetric_one_vector_gramian(inputs, grads, with_bias)
     inputs_gramian = inputs @ inputs.T
     if with_bias:
         inputs_gramian += 1.0
@@ -298,6 +317,29 @@ def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
     gramian.view(num_seeds, batch_size, num_seeds, batch_size).mul_(
         inputs_gramian.view(1, batch_size, 1, batch_size)
     )
+    return gramian
+
+
+# Rows per block of the symmetric computation: large enough for efficient matrix products.
+_SYMMETRIC_BLOCK = 128
+
+
+def _symmetric_one_vector_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor:
+    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` by blocks of rows against the rows up to the block's end.
+
+    About ``(1 + block / n) / 2`` of the products of the direct form, and the temporaries are
+    blocks: ``[block, n]`` instead of ``[n, n]``.
+    """
+    num_rows = inputs.shape[0]
+    gramian = grads.new_empty(num_rows, num_rows)
+    for start in range(0, num_rows, _SYMMETRIC_BLOCK):
+        stop = min(num_rows, start + _SYMMETRIC_BLOCK)
+        block = inputs[start:stop] @ inputs[:stop].T
+        if with_bias:
+            block += 1.0
+        block *= grads[start:stop] @ grads[:stop].T
+        gramian[start:stop, :stop] = block
+        gramian[:start, start:stop] = block[:, :start].T
     return gramian
 
 
