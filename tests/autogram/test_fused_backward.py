@@ -372,3 +372,26 @@ def test_scalar_output_with_flattening() -> None:
     model.zero_grad(set_to_none=True)
     (model(x).square().mean() * weights).backward()
     _assert_grads_close(fused, _snapshot(list(model.parameters())))
+
+
+def test_sparse_embedding_gradients() -> None:
+    """``Embedding(sparse=True)`` gets a sparse ``.grad`` as from autograd, also when adding."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 3, sparse=True)
+    head = nn.Linear(3, 1)
+    engine = Engine(embedding, head, batch_dim=0)
+    tokens = torch.randint(0, 10, (5, 4))
+
+    def forward() -> Tensor:
+        return head(embedding(tokens).mean(dim=1)).squeeze(1) ** 2
+
+    weights = engine.backward(forward(), _RowSums())
+    engine.backward(forward(), ConstantWeighting(weights))  # accumulates
+    assert embedding.weight.grad is not None and embedding.weight.grad.is_sparse
+    fused = [embedding.weight.grad.to_dense(), head.weight.grad, head.bias.grad]
+    _clear([embedding.weight, head.weight, head.bias])
+    forward().backward(weights)
+    forward().backward(weights)
+    assert embedding.weight.grad is not None and embedding.weight.grad.is_sparse
+    expected = [embedding.weight.grad.to_dense(), head.weight.grad, head.bias.grad]
+    _assert_grads_close(fused, expected)

@@ -148,7 +148,7 @@ class Engine:
             with torch.no_grad():
                 gramian = self._gramian(differentiation)
             seeding = differentiation.seeding
-            return to_generalized_gramian(gramian.to(differentiation.dtype), seeding)
+            return to_generalized_gramian(_cast(gramian, differentiation.dtype), seeding)
         finally:
             self._recorder.paused = False
             self._recorder.take()
@@ -208,7 +208,8 @@ class Engine:
             with torch.no_grad():
                 gramian, steps = self._fused_gramian(differentiation)
             seeding = differentiation.seeding
-            generalized_gramian = to_generalized_gramian(gramian.to(differentiation.dtype), seeding)
+            gramian = _cast(gramian, differentiation.dtype)
+            generalized_gramian = to_generalized_gramian(gramian, seeding)
             del gramian  # before the weighting runs: its layout may be a copy
             weights = weighting(generalized_gramian)
             del generalized_gramian
@@ -218,7 +219,7 @@ class Engine:
             if differentiation.external:
                 torch.autograd.backward(
                     output,
-                    weights.detach().to(output.dtype),
+                    _cast(weights.detach(), output.dtype),
                     retain_graph=retain_graph,
                     inputs=differentiation.external,
                 )
@@ -373,14 +374,14 @@ class Engine:
                         block = rule.gramian(module, calls, own, batched)
                     _check_block(block, num_rows, module)
                     # Blocks are new tensors, of the size of the Gramian: summed in place.
-                    block = block.to(accumulation_dtype)
+                    block = _cast(block, accumulation_dtype)
                     gramian = block if gramian is None else gramian.add_(block)
                     del block
                 if shared:
                     rows = assignment.rule.per_row_gradients(module, calls, shared, batched)
                     for name in shared:
                         param = assignment.params[name]
-                        row = rows[name].to(accumulation_dtype)
+                        row = _cast(rows[name], accumulation_dtype)
                         if id(param) in shared_rows:
                             row = shared_rows[id(param)][1] + row
                         shared_rows[id(param)] = (param, row)
@@ -415,8 +416,8 @@ class Engine:
             _accumulate_grads(grads)
         grads = {}
         for param, summed_rows in steps.shared:
-            grad = torch.tensordot(weights.to(summed_rows.dtype), summed_rows, dims=1)
-            grads[param] = grad.to(param.dtype)
+            grad = torch.tensordot(_cast(weights, summed_rows.dtype), summed_rows, dims=1)
+            grads[param] = _cast(grad, param.dtype)
         steps.shared.clear()
         _accumulate_grads(grads)
 
@@ -468,6 +469,11 @@ def _reads_inputs(coverage: Coverage, module: nn.Module) -> bool:
     return any(a.rule is not FALLBACK_RULE for a in coverage.assignments.get(module, ()))
 
 
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # `Tensor.to` costs a dispatch even when it has nothing to do.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _check_weighting(output: Tensor, weighting: object) -> None:
     if isinstance(weighting, GeneralizedWeighting):
         return
@@ -517,9 +523,11 @@ def _accumulate_grads(grads: dict[Tensor, Tensor]) -> None:
             hooked_grads.append(grad)
         elif param.grad is None:
             # The layout of the parameter, as autograd's "gradient layout contract" requires.
-            if grad.stride() != param.stride():
+            if grad.layout == torch.strided and grad.stride() != param.stride():
                 grad = torch.empty_like(param).copy_(grad)
             param.grad = grad
+        elif grad.layout != torch.strided or param.grad.layout != torch.strided:
+            param.grad = param.grad + grad  # sparse gradients (e.g. `Embedding(sparse=True)`)
         else:
             param.grad += grad
     if hooked_params:

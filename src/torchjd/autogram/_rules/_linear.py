@@ -68,9 +68,9 @@ class LinearRule(GramianRule):
         result = {}
         if "weight" in params:
             rows = _weight_rows(terms)
-            result["weight"] = rows.to(_dtype_of(module, "weight"))
+            result["weight"] = _cast(rows, _dtype_of(module, "weight"))
         if "bias" in params:
-            result["bias"] = _bias_rows(terms).to(_dtype_of(module, "bias"))
+            result["bias"] = _cast(_bias_rows(terms), _dtype_of(module, "bias"))
         return {name: result[name] for name in params}
 
     def gramian(
@@ -108,7 +108,8 @@ class LinearRule(GramianRule):
             # The per-sample form materialised the rows: their weighted sum is a small product.
             _check_weights(terms, weights)
             weight = module.get_parameter("weight")
-            result = {"weight": (weights.to(rows.dtype) @ rows).view(weight.shape).to(weight.dtype)}
+            flat = _cast(weights, rows.dtype) @ rows
+            result = {"weight": _cast(flat.view(weight.shape), weight.dtype)}
             if "bias" in params:
                 result.update(_weighted_gradients(module, terms, ["bias"], weights))
             return {name: result[name] for name in params}
@@ -125,6 +126,11 @@ def _check_params(params: Sequence[str]) -> None:
     unknown = [name for name in params if name not in ("weight", "bias")]
     if unknown:
         raise ValueError(f"Expected `params` among ['weight', 'bias']; found {unknown}.")
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # `Tensor.to` costs a dispatch even when it has nothing to do.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _tensor_attribute(module: nn.Module, name: str) -> Tensor:
@@ -173,8 +179,8 @@ def _terms(module: nn.Module, calls: Sequence[Call], batched: bool) -> list[_Ter
         dtype = _compute_dtype(inputs, grad)
         terms.append(
             _Term(
-                inputs=inputs.reshape(batch_size, -1, in_features).to(dtype),
-                grads=grad.reshape(num_seeds, batch_size, -1, out_features).to(dtype),
+                inputs=_cast(inputs.reshape(batch_size, -1, in_features), dtype),
+                grads=_cast(grad.reshape(num_seeds, batch_size, -1, out_features), dtype),
             )
         )
     if not terms:
@@ -211,7 +217,7 @@ def _weighted_gradients(
         if consume:
             del terms[0]
         num_seeds, batch_size = term.grads.shape[:2]
-        per_row = weights.to(term.grads.dtype).view(num_seeds, batch_size)
+        per_row = _cast(weights, term.grads.dtype).view(num_seeds, batch_size)
         combined = _combine_seeds(term.grads, per_row)
         inputs = term.inputs
         del term
@@ -227,9 +233,9 @@ def _weighted_gradients(
             bias_total = part if bias_total is None else bias_total + part
     result = {}
     if weight_total is not None:
-        result["weight"] = weight_total.to(_dtype_of(module, "weight"))
+        result["weight"] = _cast(weight_total, _dtype_of(module, "weight"))
     if bias_total is not None:
-        result["bias"] = bias_total.to(_dtype_of(module, "bias"))
+        result["bias"] = _cast(bias_total, _dtype_of(module, "bias"))
     return {name: result[name] for name in params}
 
 
