@@ -15,11 +15,14 @@ machine's load hits all steps alike). The peak memory is the most CPU memory all
 during one step above the level at its start, with the gradients set to ``None`` before the step
 (``optimizer.zero_grad()`` outside the measured region, so that freeing the previous gradients does
 not count). Run: ``python -m benchmarks bench_autogram`` (``make bench`` runs every suite).
+Two threads by default, ``TORCHJD_BENCH_THREADS=1`` for one: on a loaded machine, a second thread
+that the OS deschedules makes every parallel region wait, and times then measure the scheduler.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -269,7 +272,7 @@ def _peak_bytes(step: _Step) -> int:
 
 
 def run() -> list[dict[str, Any]]:
-    set_threads(2)
+    set_threads(int(os.environ.get("TORCHJD_BENCH_THREADS", "2")))
     with_upgrad = _upgrad_is_implemented()
     if not with_upgrad:
         print("  UPGradWeighting is not implemented yet: [UPGrad] columns left out")

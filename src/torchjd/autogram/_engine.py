@@ -39,7 +39,8 @@ class Engine:
     one backward pass gives every hooked call's output gradients, and per-layer rules turn them
     into Gramian blocks (closed forms for common layers, exact vector-Jacobian products for any
     other module). A weighting of the Gramian then gives weights, and ``output.backward(weights)``
-    performs the Jacobian descent step.
+    performs the Jacobian descent step. :meth:`backward` does all of this in one call, with one
+    backward pass instead of two (the fused step).
 
     >>> import torch
     >>> from torch.nn import Linear, MSELoss, ReLU, Sequential
