@@ -90,7 +90,7 @@ def check_graph(
                 "with `use_reentrant=True`) between `output` and the engine's modules: it hides "
                 "the parameters used inside it from the engine. Use `use_reentrant=False`."
             )
-        next_tainted = tainted or (batched and _mixes_samples(node, kind))
+        next_tainted = tainted or (batched and "BatchNorm" in kind and _mixes_samples(node, kind))
         for next_node, _ in node.next_functions:
             if next_node is None:
                 continue
