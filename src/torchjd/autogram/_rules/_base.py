@@ -33,7 +33,10 @@ class Call:
 
     :param args: The positional arguments of the call, as given.
     :param kwargs: The keyword arguments of the call, as given.
-    :param outputs: The output tensors of the call, in pytree-flattened order.
+    :param outputs: The output tensors of the call, in pytree-flattened order. The engine does not
+        keep outputs alive: one freed after the forward pass is given as a stand-in on the
+        ``meta`` device with its shape, dtype and ``requires_grad`` (rules never read the values
+        of the outputs).
     :param grad_outputs: For each output, its gradients ``[K, *output.shape]``, or ``None`` when
         the output does not reach the differentiated tensor. Filled by the engine's backward.
     :param output_edges: For each output, its gradient edge taken when the call returned (``None``
