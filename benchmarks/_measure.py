@@ -26,16 +26,23 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 10, warmup: int = 2) ->
 def peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of the bytes allocated by torch on the CPU during ``fn()``, above the level at start.
 
-    Replays the allocation and free events recorded by the profiler in time order; tensors that
-    exist before the call (model, data, optimizer state) are not counted.
+    Replays the profiler's raw allocation and free events in time order (the per-operator
+    summaries nest, so summing them double counts). Tensors that exist before the call (model,
+    data, optimizer state) are not counted; run ``fn`` once before, so that one-off allocations
+    are not counted either.
     """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(prof.events(), key=lambda event: event.time_range.start)
+    assert prof.profiler is not None
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
     current = 0
     peak = 0
-    for event in events:
-        current += event.self_cpu_memory_usage
+    for _, size in events:
+        current += size
         peak = max(peak, current)
     return peak
 
