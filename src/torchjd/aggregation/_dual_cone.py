@@ -75,7 +75,7 @@ def check_solver(solver: object) -> SolverName:
         from ._dual_cone_quadprog import check_quadprog_available
 
         check_quadprog_available()
-    return solver  # type: ignore[return-value]
+    return solver
 
 
 def project_weights(weights: Tensor, gramian: Tensor, solver: SolverName) -> Tensor:
@@ -103,9 +103,9 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
 
     :param weights: The vectors ``u``, of shape ``[..., m]``.
     :param gramian: The ``m x m`` positive semi-definite matrix ``G``.
-    :raises ValueError: If the shapes do not match, if ``G`` or ``u`` has non-finite entries (checked
-        on the CPU only), or if ``G`` is not positive semi-definite (found when a factorisation
-        fails, on the CPU).
+    :raises ValueError: If the shapes do not match, if ``G`` or ``u`` has non-finite entries
+        (checked on the CPU only), or if ``G`` is not positive semi-definite (found when a
+        factorisation fails, on the CPU).
     """
     _check_shapes(weights, gramian)
     m = gramian.shape[0]
@@ -427,3 +427,15 @@ def _not_converged(m: int) -> RuntimeError:
         "for a positive semi-definite Gramian; please report it, and use `solver='quadprog'` "
         "meanwhile."
     )
+
+
+def check_epsilon(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite non-negative number, else raise a
+    ``ValueError`` naming the parameter ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+        raise ValueError(
+            f"Parameter `{name}` should be a non-negative number. Found `{name} = {value!r}`."
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"Parameter `{name}` should be finite. Found `{name} = {value!r}`.")
+    return value
