@@ -566,6 +566,29 @@ def _rnn(kind: type[nn.RNNBase]) -> Callable[[], Case]:
     return build
 
 
+def _lstm_classifier() -> Case:
+    # The final hidden state has its samples on dim 1: the classifier reads the last layer's.
+    lstm = nn.LSTM(3, 4, num_layers=2, batch_first=True)
+    head = nn.Linear(4, 2)
+
+    def forward() -> Tensor:
+        _, (h_n, _) = lstm(torch.randn(3, 5, 3))
+        return F.cross_entropy(head(h_n[-1]), torch.tensor([0, 1, 1]), reduction="none")
+
+    return Case([lstm, head], forward, 0)
+
+
+def _gru_both_outputs() -> Case:
+    gru = nn.GRU(3, 4, batch_first=True, bidirectional=True)
+    head = nn.Linear(8, 1)
+
+    def forward() -> Tensor:
+        out, h_n = gru(torch.randn(3, 5, 3))
+        return head(out).sum(dim=(1, 2)) + (h_n**2).sum(dim=(0, 2))
+
+    return Case([gru, head], forward, 0)
+
+
 def _parametrized() -> Case:
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     torch.nn.utils.parametrizations.weight_norm(model[2])
@@ -623,5 +646,7 @@ SETTINGS = [
     Setting("rnn", _rnn(nn.RNN)),
     Setting("gru", _rnn(nn.GRU)),
     Setting("lstm", _rnn(nn.LSTM)),
+    Setting("lstm_classifier", _lstm_classifier),
+    Setting("gru_both_outputs", _gru_both_outputs),
     Setting("parametrized", _parametrized, batched=False),
 ]

@@ -326,11 +326,13 @@ class Engine:
                 "`batch_dim=None`."
             )
         batch_size = seeding.batch_size
-        for tensor, grad in zip(record.call.outputs, record.call.grad_outputs):
-            if grad is not None and (tensor.ndim == 0 or tensor.shape[0] != batch_size):
+        call = record.call
+        axes = _sample_axes(self._coverage, module, call)
+        for tensor, grad, axis in zip(call.outputs, call.grad_outputs, axes):
+            if grad is not None and (tensor.ndim <= axis or tensor.shape[axis] != batch_size):
                 raise ValueError(
                     f"Expected every output of the calls of the engine's modules to be batched on "
-                    f"dim 0 (size {batch_size}, the size of `output` along `batch_dim`) when "
+                    f"dim {axis} (size {batch_size}, the size of `output` along `batch_dim`) when "
                     f"`batch_dim` is not None; found an output of shape {tuple(tensor.shape)} in "
                     f"a call of a module of type {type(module)}. Use `batch_first=True` layouts, "
                     "or `batch_dim=None`."
@@ -464,6 +466,13 @@ class _Differentiation:
 def _remove_hooks(handles: Sequence[RemovableHandle]) -> None:
     for handle in handles:
         handle.remove()
+
+
+def _sample_axes(coverage: Coverage, module: nn.Module, call: Call) -> Sequence[int]:
+    """Where the module's own rule (not the fallback of its remaining parameters) puts samples."""
+    assignments = coverage.assignments.get(module, ())
+    rule = next((a.rule for a in assignments if a.rule is not FALLBACK_RULE), FALLBACK_RULE)
+    return rule.sample_axes(module, call)
 
 
 def _reads_inputs(coverage: Coverage, module: nn.Module) -> bool:

@@ -6,7 +6,8 @@ gradients of the outputs. A :class:`GramianRule` turns the calls of one module i
 Jacobian restricted to that module's parameters, or directly into their Gramian or their weighted
 sum, without re-running the module's forward.
 
-Shapes. Let ``B`` be the batch size (dim 0 of every tensor input and output of the module) and
+Shapes. Let ``B`` be the batch size (dim 0 of every tensor input and output of the module, unless
+the rule's :meth:`GramianRule.sample_axes` says otherwise for an output) and
 ``K`` the number of seeds of the engine's backward pass: every ``grad_outputs[j]`` has shape
 ``[K, *outputs[j].shape]``. In *batched* mode (``batch_dim`` set) the Jacobian has ``R = K * B``
 rows, row ``k * B + i`` being the gradient coming from sample ``i`` under seed ``k`` (sample ``i``
@@ -140,6 +141,15 @@ class GramianRule(ABC):
             return result
 
         return gramian, weighted
+
+    def sample_axes(self, module: nn.Module, call: Call) -> Sequence[int]:
+        """The dim of each output of ``call`` (in ``call.outputs``' order) that indexes the samples.
+
+        Used in batched mode only. By default every output has its samples on dim 0; a rule
+        overrides it for modules laying some outputs out otherwise (the final hidden states of an
+        RNN have theirs on dim 1).
+        """
+        return [0] * len(call.outputs)
 
     def needs_graph(self, module: nn.Module) -> bool:
         """Whether the rule differentiates through the graph that the calls recorded.

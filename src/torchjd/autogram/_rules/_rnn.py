@@ -35,6 +35,9 @@ class RNNRule(GramianRule):
                 "`batch_dim` not None. Create it with `batch_first=True` or use `batch_dim=None`."
             )
 
+    def sample_axes(self, module: nn.Module, call: Call) -> Sequence[int]:
+        return _sample_axes(call)
+
     def per_row_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> dict[str, Tensor]:
