@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -395,3 +395,54 @@ def test_sparse_embedding_gradients() -> None:
     assert embedding.weight.grad is not None and embedding.weight.grad.is_sparse
     expected = [embedding.weight.grad.to_dense(), head.weight.grad, head.bias.grad]
     _assert_grads_close(fused, expected)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def _graph_free_models() -> list[object]:
+    conv = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(9, 1))
+    norm = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.GroupNorm(2, 4), nn.Linear(4, 1))
+    embedding = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 1))
+    attention = nn.Sequential(_Attention(0.0), nn.Flatten(), nn.Linear(12, 1))
+    return [
+        pytest.param(conv, lambda: torch.randn(5, 2, 5), id="conv"),
+        pytest.param(norm, lambda: torch.randn(5, 4), id="norm"),
+        pytest.param(embedding, lambda: torch.randint(0, 7, (5, 3)), id="embedding"),
+        pytest.param(attention, lambda: torch.randn(5, 3, 4), id="attention"),
+    ]
+
+
+@pytest.mark.parametrize(("model", "make_input"), _graph_free_models())
+def test_rules_reading_only_inputs_let_the_graph_be_freed(
+    model: nn.Module, make_input: Callable[[], Tensor]
+) -> None:
+    """Conv, norm, embedding and attention (without dropout) rules need no recorded graph."""
+    torch.manual_seed(0)
+    engine = Engine(model, batch_dim=0)
+    output = model(make_input()).squeeze(1)
+    params = list(model.parameters())
+    expected_weights = torch.rand(5)
+    expected = torch.autograd.grad(output, params, expected_weights, retain_graph=True)
+    engine.backward(output, ConstantWeighting(expected_weights))
+    _assert_grads_close(_snapshot(params), list(expected))
+    with pytest.raises(RuntimeError, match="second time"):
+        output.sum().backward()
+
+
+def test_attention_with_dropout_keeps_the_graph_it_needs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_Attention(0.5), nn.Flatten(), nn.Linear(12, 1))
+    engine = Engine(model, batch_dim=0)
+    output = model(torch.randn(5, 3, 4)).squeeze(1)
+    params = list(model.parameters())
+    weights = torch.rand(5)
+    expected = torch.autograd.grad(output, params, weights, retain_graph=True)
+    engine.backward(output, ConstantWeighting(weights))
+    _assert_grads_close(_snapshot(params), list(expected))

@@ -273,6 +273,10 @@ class MultiheadAttentionRule(GramianRule):
             covered[f"out_proj.{name}"] = parameter
         return covered
 
+    def needs_graph(self, module: nn.Module) -> bool:
+        # Only the random attention probabilities of dropout need the recorded graph.
+        return not isinstance(module, nn.MultiheadAttention) or _random(module)
+
     def per_row_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> dict[str, Tensor]:

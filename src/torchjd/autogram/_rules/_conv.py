@@ -152,6 +152,9 @@ def _summed_weight_rows(module: _ConvNd, uses: Sequence[_ConvUse]) -> Tensor:
 class ConvRule(GramianRule):
     """Rows, Gramian and weighted gradients of a convolution's ``weight`` and ``bias``."""
 
+    def needs_graph(self, module: nn.Module) -> bool:
+        return False
+
     def per_row_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> dict[str, Tensor]:

@@ -245,6 +245,9 @@ def _pairs_cost(lookups: Sequence[_Lookup]) -> int:
 class EmbeddingRule(GramianRule):
     """Rows, Gramian and weighted gradients of an embedding's ``weight``."""
 
+    def needs_graph(self, module: nn.Module) -> bool:
+        return False
+
     def per_row_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> dict[str, Tensor]:

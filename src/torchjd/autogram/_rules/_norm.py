@@ -185,6 +185,9 @@ class NormRule(GramianRule):
                 "by BatchNorm, InstanceNorm, GroupNorm or LayerNorm."
             )
 
+    def needs_graph(self, module: nn.Module) -> bool:
+        return False
+
     def per_row_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> dict[str, Tensor]:
