@@ -158,7 +158,8 @@ def assert_rule_matches(
     rtol: float,
     atol: float,
 ) -> None:
-    """Check ``per_row_gradients``, ``gramian`` and ``weighted_gradients`` against the rows."""
+    """Check ``per_row_gradients``, ``gramian``, ``weighted_gradients`` and
+    ``gramian_then_weighted_gradients`` against the rows."""
     rows = rule.per_row_gradients(module, calls, params, batched)
     assert list(rows) == list(params)
     for name in params:
@@ -175,6 +176,18 @@ def assert_rule_matches(
 
     weights = torch.randn(flat.shape[0], generator=generator, dtype=flat.dtype)
     weighted = rule.weighted_gradients(module, calls, params, batched, weights)
+    assert list(weighted) == list(params)
+    for name in params:
+        expected = torch.tensordot(weights, expected_rows[name], dims=1)
+        actual = weighted[name].to_dense() if weighted[name].is_sparse else weighted[name]
+        assert actual.shape == expected.shape, name
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * max(1, flat.shape[0]))
+
+    fused_gramian, fused_weighted = rule.gramian_then_weighted_gradients(
+        module, calls, params, batched
+    )
+    torch.testing.assert_close(fused_gramian, expected_gramian, rtol=rtol, atol=atol * scale)
+    weighted = fused_weighted(weights)
     assert list(weighted) == list(params)
     for name in params:
         expected = torch.tensordot(weights, expected_rows[name], dims=1)

@@ -5,10 +5,16 @@ from typing import Any
 import pytest
 import torch
 from _rule_reference import Use, assert_rule_matches, record_calls, reference_rows, trainable
-from torch import nn
+from torch import Tensor, nn
 
-from torchjd.autogram._rules import find_rule
-from torchjd.autogram._rules._conv import ConvRule, _term, _uses
+from torchjd.autogram._rules import _conv, find_rule
+from torchjd.autogram._rules._conv import (
+    ConvRule,
+    _grouped_conv_rows,
+    _term,
+    _unfolded_rows,
+    _uses,
+)
 from torchjd.autogram._rules._ghost import (
     SequenceTerm,
     ghost_cost,
@@ -155,3 +161,51 @@ def test_registered(module_type: type[nn.Module]) -> None:
     assert isinstance(find_rule(module), ConvRule)
     # Transposed convolutions are another map: not this rule's.
     assert not isinstance(find_rule(nn.ConvTranspose2d(2, 2, 1)), ConvRule)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_grouped_and_chunked_unfolded_rows_agree(
+    index: int, seeds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of materialising per-sample rows (and the chunked unfolding) give the same rows."""
+    module, spatial = _build(index, torch.float64)
+    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    generator = torch.Generator().manual_seed(index)
+    inputs = torch.randn(4, module.in_channels, *spatial, generator=generator, dtype=torch.float64)
+    calls = record_calls(module, [Use((inputs,))], seeds, generator)
+    (use,) = _uses(module, calls, batched=True)
+    unfolded = _unfolded_rows(module, use)
+    torch.testing.assert_close(_grouped_conv_rows(module, use), unfolded)
+    monkeypatch.setattr(_conv, "_UNFOLDED_ELEMENTS_PER_CHUNK", 1)  # one sample per chunk
+    torch.testing.assert_close(_unfolded_rows(module, use), unfolded)
+    expected = reference_rows(module, calls, ["weight"], batched=True)["weight"]
+    torch.testing.assert_close(unfolded, expected)
+
+
+def test_rows_kept_for_the_weighted_gradient_only_when_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Few positions and many channels: the rows outweigh the inputs, the calls are kept instead."""
+    module = nn.Conv2d(16, 16, 3).double()
+    generator = torch.Generator().manual_seed(0)
+    calls = record_calls(module, [Use((torch.randn(2, 16, 5, 5, dtype=torch.float64),))], 1,
+                         generator)  # fmt: skip
+    monkeypatch.setattr(_conv, "_uses_ghost_form", lambda *_: False)
+    params = ["weight", "bias"]
+    expected = reference_rows(module, calls, params, batched=True)
+    weights = torch.randn(2, generator=generator, dtype=torch.float64)
+    calls_seen = []
+    original = ConvRule.weighted_gradients
+
+    def spy(self: ConvRule, *args: object, **kwargs: object) -> dict[str, Tensor]:
+        calls_seen.append(True)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ConvRule, "weighted_gradients", spy)
+    _, weighted = ConvRule().gramian_then_weighted_gradients(module, calls, params, True)
+    result = weighted(weights)
+    assert calls_seen == [True]
+    for name in params:
+        torch.testing.assert_close(result[name], torch.tensordot(weights, expected[name], dims=1))

@@ -114,8 +114,48 @@ def combine_seeds(grad: Tensor, weights: Tensor, batched: bool, sample_axis: int
         return torch.tensordot(weights, grad, dims=1).unsqueeze(0)
     moved = grad.movedim(1 + sample_axis, 1)
     per_sample = weights.reshape(seeds, moved.shape[1])
-    combined = torch.einsum("ki,ki...->i...", per_sample, moved)
-    return combined.movedim(0, sample_axis).unsqueeze(0)
+    return combine_per_sample(moved, per_sample).movedim(0, sample_axis).unsqueeze(0)
+
+
+def combine_per_sample(grads: Tensor, per_sample: Tensor) -> Tensor:
+    """``Σ_k per_sample[k, i] grads[k, i]``: ``[B, ...]`` from ``grads [K, B, ...]``.
+
+    A few seeds are summed one by one: ``einsum`` would run one tiny product per sample.
+    """
+    seeds, batch = per_sample.shape
+    if seeds > 16:
+        return torch.einsum("ki,ki...->i...", per_sample, grads)
+    shape = (batch,) + (1,) * (grads.ndim - 2)
+    combined = grads[0] * per_sample[0].view(shape)
+    for seed in range(1, seeds):
+        combined.addcmul_(grads[seed], per_sample[seed].view(shape))
+    return combined
+
+
+def gramian_and_weighted_rows(
+    module: nn.Module, rows: dict[str, Tensor]
+) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+    """The Gramian of materialised ``rows`` (``[R, *param.shape]`` by name), and the function of
+    the weights ``[R]`` giving their weighted sums (one ``[R] @ [R, p]`` product per parameter).
+    """
+    gramian = gram(list(rows.values()))
+    count = gramian.shape[0]
+
+    def weighted(weights: Tensor) -> dict[str, Tensor]:
+        if weights.shape != (count,):
+            raise ValueError(
+                f"Expected `weights` to have shape ({count},), one weight per Jacobian row; "
+                f"found {tuple(weights.shape)}."
+            )
+        result = {}
+        for name, row in rows.items():
+            parameter = module.get_parameter(name)
+            flat = weights.to(dtype=row.dtype) @ row.reshape(count, -1)
+            result[name] = flat.view(parameter.shape).to(dtype=parameter.dtype)
+        rows.clear()
+        return result
+
+    return gramian, weighted
 
 
 def weighted_calls(

@@ -6,14 +6,21 @@ position sees: unfolding the input (im2col) turns it into a :class:`~._ghost.Seq
 Padding (numbers, ``'same'``, ``'valid'``, and every ``padding_mode``), stride, dilation and groups
 are reproduced exactly by padding the input the way the module does before unfolding.
 
-Weighted gradients and summed-mode rows never unfold: they are ordinary convolution
+When the per-sample form is the cheaper one (many output positions), per-sample rows come from a
+grouped convolution weight-gradient with one group per sample (no unfolded copy) when each group
+has enough input channels for it to be efficient, and otherwise from the unfolded input, a chunk
+of samples at a time (bounding the size of the unfolded copy). The fused step reuses those rows
+for the weighted gradient (a ``[R] @ [R, p]`` product) when they take no more memory than the
+inputs and output gradients they replace.
+
+Other weighted gradients and summed-mode rows never unfold: they are ordinary convolution
 weight-gradients (``convolution_backward``), one per seed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 
@@ -28,14 +35,27 @@ from ._common import (
     common_batch_size,
     first_argument,
     gram,
+    gramian_and_weighted_rows,
     leading_axes,
     seed_count,
     weighted_calls,
 )
-from ._ghost import SequenceTerm, bias_per_sample, weight_gramian, weight_per_sample
+from ._ghost import (
+    SequenceTerm,
+    bias_per_sample,
+    ghost_cost,
+    ghost_gramian,
+    per_sample_cost,
+)
 from ._registry import register_rule
 
 _ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+# Below this many input channels per group (and sample), a grouped convolution's weight-gradient is
+# slower than unfolding: its per-group products are too small (measured on CPU, 3 vs 16 channels).
+_MIN_CHANNELS_FOR_GROUPED = 8
+# Bounds the unfolded copy of one chunk of samples, in elements.
+_UNFOLDED_ELEMENTS_PER_CHUNK = 1 << 22
 
 
 @dataclass(eq=False)
@@ -121,6 +141,88 @@ def _term(module: _ConvNd, use: _ConvUse) -> SequenceTerm:
     return SequenceTerm(_unfold(module, use), _grouped_grads(module, use))
 
 
+def _shape_term(module: _ConvNd, use: _ConvUse) -> SequenceTerm:
+    """A term with the shapes of :func:`_term` (on the meta device): costs without unfolding."""
+    batch = use.inputs.shape[0]
+    grads = _grouped_grads(module, use)
+    patch = module.in_channels // module.groups * math.prod(module.kernel_size)
+    inputs = torch.empty(batch, module.groups, patch, grads.shape[-1], device="meta")
+    return SequenceTerm(inputs, torch.empty(grads.shape, device="meta"))
+
+
+def _uses_ghost_form(module: _ConvNd, uses: Sequence[_ConvUse]) -> bool:
+    terms = [_shape_term(module, use) for use in uses]
+    return ghost_cost(terms, True) < per_sample_cost(terms, True)
+
+
+def _per_sample_weight_rows(module: _ConvNd, uses: Sequence[_ConvUse]) -> Tensor:
+    """The batched-mode weight rows ``[K * B, *weight.shape]``, summed over the uses."""
+    result: Tensor | None = None
+    for use in uses:
+        if module.in_channels // module.groups >= _MIN_CHANNELS_FOR_GROUPED:
+            part = _grouped_conv_rows(module, use)
+        else:
+            part = _unfolded_rows(module, use)
+        result = part if result is None else result.add_(part)
+    assert result is not None
+    return result
+
+
+def _grouped_conv_rows(module: _ConvNd, use: _ConvUse) -> Tensor:
+    """Per-sample weight-gradients as one grouped weight-gradient: a group per seed and sample."""
+    seeds, batch = use.grads.shape[:2]
+    inputs = use.inputs
+    if seeds > 1:
+        inputs = inputs.unsqueeze(0).expand(seeds, *inputs.shape)
+    rows = seeds * batch
+    stacked_inputs = inputs.reshape(1, rows * module.in_channels, *use.inputs.shape[2:])
+    stacked_grads = use.grads.reshape(1, rows * module.out_channels, *use.grads.shape[3:])
+    weight = module.weight
+    # Only the shape of the weight is read (no input gradient is asked for).
+    stacked_weight = weight.new_empty(rows * weight.shape[0], *weight.shape[1:])
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        stacked_grads.to(dtype=use.inputs.dtype),
+        stacked_inputs,
+        stacked_weight,
+        None,
+        list(module.stride),
+        list(use.padding),
+        list(module.dilation),
+        False,
+        [0] * len(module.kernel_size),
+        rows * module.groups,
+        [False, True, False],
+    )
+    return grad_weight.view(rows, *weight.shape)
+
+
+def _unfolded_rows(module: _ConvNd, use: _ConvUse) -> Tensor:
+    """Per-sample weight-gradients from the unfolded input, a chunk of samples at a time."""
+    seeds, batch = use.grads.shape[:2]
+    weight = module.weight
+    grads = _grouped_grads(module, use)  # [K, B, G, b, T]
+    positions = grads.shape[-1]
+    patch = module.in_channels // module.groups * math.prod(module.kernel_size)
+    chunk = max(1, _UNFOLDED_ELEMENTS_PER_CHUNK // max(1, module.groups * patch * positions))
+    if chunk >= batch:
+        rows = _per_sample_products(_unfold(module, use), grads)
+        return rows.reshape(seeds * batch, *weight.shape)
+    rows = grads.new_empty(seeds, batch, module.groups, grads.shape[3], patch)
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        part = _ConvUse(use.inputs[start:stop], use.padding, use.grads[:, start:stop])
+        rows[:, start:stop] = _per_sample_products(_unfold(module, part), grads[:, start:stop])
+    return rows.reshape(seeds * batch, *weight.shape)
+
+
+def _per_sample_products(patches: Tensor, grads: Tensor) -> Tensor:
+    """``D[k, i, g] X[i, g]ᵀ`` as ``[K, B, G, b, a]``: seeds folded into one batched product."""
+    seeds, batch, groups, b, positions = grads.shape
+    folded = grads.permute(1, 2, 0, 3, 4).reshape(batch, groups, seeds * b, positions)
+    products = folded @ patches.to(dtype=grads.dtype).transpose(-1, -2)
+    return products.view(batch, groups, seeds, b, patches.shape[2]).permute(2, 0, 1, 3, 4)
+
+
 def _summed_weight_rows(module: _ConvNd, uses: Sequence[_ConvUse]) -> Tensor:
     """Rows ``[K, *weight.shape]`` of summed mode: one convolution weight-gradient per seed."""
     weight = module.weight
@@ -164,8 +266,7 @@ class ConvRule(GramianRule):
         result: dict[str, Tensor] = {}
         if "weight" in params:
             if batched:
-                rows = weight_per_sample([_term(conv, use) for use in uses], batched)
-                result["weight"] = rows.reshape(rows.shape[0], *conv.weight.shape)
+                result["weight"] = _per_sample_weight_rows(conv, uses)
             else:
                 result["weight"] = _summed_weight_rows(conv, uses)
         if "bias" in params:
@@ -181,14 +282,49 @@ class ConvRule(GramianRule):
         uses = _uses(conv, calls, batched)
         parts = []
         if "weight" in params:
-            if batched:
-                parts.append(weight_gramian([_term(conv, use) for use in uses], batched))
+            if batched and _uses_ghost_form(conv, uses):
+                parts.append(ghost_gramian([_term(conv, use) for use in uses], batched))
+            elif batched:
+                parts.append(gram([_per_sample_weight_rows(conv, uses)]))
             else:
                 parts.append(gram([_summed_weight_rows(conv, uses)]))
         if "bias" in params:
             bias_rows = bias_per_sample([_grouped_grads(conv, use) for use in uses], batched)
             parts.append(gram([bias_rows]))
         return sum(parts[1:], parts[0])
+
+    def gramian_then_weighted_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+        conv = _as_conv(module)
+        check_params(params, ["weight", "bias"], module)
+        uses = _uses(conv, calls, batched)
+        if "weight" in params and batched and _uses_ghost_form(conv, uses):
+            return super().gramian_then_weighted_gradients(module, calls, params, batched)
+        rows = self.per_row_gradients(module, calls, params, batched)
+        held = sum(use.inputs.numel() + use.grads.numel() for use in uses)
+        if "weight" in params and rows["weight"].numel() > held:
+            # Keeping the rows would take more memory than the inputs and output gradients.
+            gramian = gram(list(rows.values()))
+            del rows
+            return gramian, self._weighted_later(module, calls, params, batched)
+        return gramian_and_weighted_rows(module, rows)
+
+    def _weighted_later(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> Callable[[Tensor], dict[str, Tensor]]:
+        # Copies of the calls, which the engine empties before calling `weighted`.
+        held = [
+            Call(call.args, call.kwargs, call.outputs, list(call.grad_outputs), call.output_edges)
+            for call in calls
+        ]
+
+        def weighted(weights: Tensor) -> dict[str, Tensor]:
+            result = self.weighted_gradients(module, held, params, batched, weights)
+            held.clear()
+            return result
+
+        return weighted
 
     def weighted_gradients(
         self,

@@ -15,7 +15,7 @@ when ``batch_dim=None`` (``∂y/∂weight = x̂`` whatever the statistics).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from ._common import (
     check_weights,
     common_batch_size,
     first_argument,
+    gramian_and_weighted_rows,
     leading_axes,
     rows_of,
     seed_count,
@@ -204,7 +205,7 @@ class NormRule(GramianRule):
             total: Tensor | None = None
             for piece in pieces:
                 if name == "weight":
-                    per_sample = torch.einsum("kimps,imps->kip", piece.grads, piece.normalised)
+                    per_sample = (piece.grads * piece.normalised).sum(dim=(2, 4))
                 else:
                     per_sample = piece.grads.sum(dim=(2, 4))
                 rows = rows_of(per_sample, batched)
@@ -212,6 +213,14 @@ class NormRule(GramianRule):
             assert total is not None
             result[name] = total.reshape(total.shape[0], *module.get_parameter(name).shape)
         return result
+
+    def gramian_then_weighted_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+        # The rows are small (one entry per channel): kept, the weighted gradients are products.
+        return gramian_and_weighted_rows(
+            module, self.per_row_gradients(module, calls, params, batched)
+        )
 
     def weighted_gradients(
         self,
