@@ -291,7 +291,8 @@ def test_barrier_method_when_not_all_constraints_are_active(seed: int) -> None:
     problem.assert_kkt(solution)
     assert (problem.slacks(solution) > 1e-3).any()
     value = (problem.cost @ solution).item()
-    assert value <= problem.scipy_minimum(solution * 1.5) + 1e-9 * abs(value)
+    # SLSQP's minimiser may violate the constraints by up to 1e-7, and so undercut ours by as much.
+    assert value <= problem.scipy_minimum(solution * 1.5) + 1e-7 * abs(value)
 
 
 @pytest.mark.parametrize("seed", range(4))
