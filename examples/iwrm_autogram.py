@@ -32,6 +32,8 @@ for step, (x, y) in enumerate(zip(inputs, targets)):
     losses.backward(weights)
     optimizer.step()
 
-    # Every sample's loss decreases to first order: J @ (J^T w) = G @ w >= 0.
-    assert bool((gramian @ weights >= -1e-6 * gramian.diagonal().sum()).all())
+    # No sample's loss increases to first order: J @ (J^T w) = G @ w >= 0, up to the regularisation
+    # UPGrad adds to the trace-normalised Gramian (reg_eps = 1e-4).
+    tolerance = 2e-4 * gramian.trace() * weights.max()
+    assert bool((gramian @ weights >= -tolerance).all())
     print(f"step {step}: mean loss {losses.mean().item():.4f}")
