@@ -7,7 +7,9 @@ Multi-head attention is four linear maps around a parameter-free core:
 (never calling the module), back-propagates the output gradients through the core once per seed
 to get ``∂/∂q, ∂/∂k, ∂/∂v``, and each projection is then a Linear map on a sequence: the ghost and
 per-sample forms of :mod:`._ghost` give its Gramian. ``out_proj``'s parameters are covered too,
-since the module uses them without calling ``out_proj``.
+since the module uses them without calling ``out_proj``. The fused step back-propagates through
+the core once: the weighted gradients combine, by the weights, the per-seed gradients that the
+Gramian used (every gradient is linear in the output gradients).
 
 With dropout in training mode the attention probabilities are random and cannot be recomputed:
 the rule then takes vector-Jacobian products on the recorded graph instead (exact, slower).
@@ -16,7 +18,7 @@ the rule then takes vector-Jacobian products on the recorded graph instead (exac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +31,12 @@ from ._common import (
     bound_arguments,
     check_params,
     check_weights,
+    combine_per_sample,
     common_batch_size,
     gram,
     leading_axes,
     seed_count,
     tensor_outputs,
-    weighted_calls,
 )
 from ._ghost import SequenceTerm, bias_per_sample, weight_gramian, weight_per_sample
 from ._recorded import recorded_rows, recorded_weighted_gradients
@@ -283,44 +285,7 @@ class MultiheadAttentionRule(GramianRule):
         attention = self._prepare(module, params, batched)
         if _random(attention):
             return recorded_rows(module, calls, params, batched, leading_axes)
-        uses = _uses(attention, calls, batched)
-        seeds, batch = _shape(uses)
-        rows_count = seeds * batch if batched else seeds
-        result: dict[str, Tensor] = {}
-        for name in params:
-            parameter = module.get_parameter(name)
-            if name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                names = _PROJECTIONS if name == "in_proj_weight" else (name[0],)
-                blocks = [
-                    weight_per_sample(_projection_terms(uses, (projection,)), batched)
-                    for projection in names
-                ]
-                rows = torch.cat([block.squeeze(1) for block in blocks], dim=1)
-            elif name == "in_proj_bias":
-                blocks = [
-                    bias_per_sample([_as_grouped(use.input_grads[p]) for use in uses], batched)
-                    for p in _PROJECTIONS
-                ]
-                rows = torch.cat(blocks, dim=-1)
-            elif name in ("bias_k", "bias_v"):
-                grads = [use.bias_kv_grads[name] for use in uses]
-                rows = bias_per_sample([_as_grouped(g) for g in grads], batched)
-            elif name == "out_proj.weight":
-                terms = _out_terms(uses)
-                rows = (
-                    weight_per_sample(terms, batched).squeeze(1)
-                    if terms
-                    else parameter.new_zeros(rows_count, *parameter.shape)
-                )
-            else:  # out_proj.bias
-                grads = [use.output_grads for use in uses if use.output_grads is not None]
-                rows = (
-                    bias_per_sample([_as_grouped(g) for g in grads], batched)
-                    if grads
-                    else parameter.new_zeros(rows_count, *parameter.shape)
-                )
-            result[name] = rows.reshape(rows_count, *parameter.shape)
-        return result
+        return _rows_from_uses(attention, _uses(attention, calls, batched), params, batched)
 
     def gramian(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
@@ -329,29 +294,24 @@ class MultiheadAttentionRule(GramianRule):
         if _random(attention):
             rows = recorded_rows(module, calls, params, batched, leading_axes)
             return gram(list(rows.values()))
+        return _gramian_from_uses(attention, _uses(attention, calls, batched), params, batched)
+
+    def gramian_then_weighted_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+        attention = self._prepare(module, params, batched)
+        if _random(attention):
+            return super().gramian_then_weighted_gradients(module, calls, params, batched)
+        # The attention core is back-propagated once: the weighted gradient combines its results.
         uses = _uses(attention, calls, batched)
-        parts: list[Tensor] = []
-        small = [
-            name for name in params if not name.endswith("_weight") and name != "out_proj.weight"
-        ]
-        for name in params:
-            if name == "in_proj_weight":
-                for group in _groups_sharing_inputs(uses):
-                    parts.append(weight_gramian(_projection_terms(uses, group), batched))
-            elif name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                parts.append(weight_gramian(_projection_terms(uses, (name[0],)), batched))
-            elif name == "out_proj.weight":
-                terms = _out_terms(uses)
-                if terms:
-                    parts.append(weight_gramian(terms, batched))
-        if small:
-            rows = self.per_row_gradients(module, calls, small, batched)
-            parts.append(gram(list(rows.values())))
-        if not parts:
-            seeds, batch = _shape(uses)
-            count = seeds * batch if batched else seeds
-            return uses[0].inputs["q"].new_zeros(count, count)
-        return sum(parts[1:], parts[0])
+        gramian = _gramian_from_uses(attention, uses, params, batched)
+
+        def weighted(weights: Tensor) -> dict[str, Tensor]:
+            result = _weighted_from_uses(attention, uses, params, batched, weights)
+            uses.clear()
+            return result
+
+        return gramian, weighted
 
     def weighted_gradients(
         self,
@@ -366,13 +326,8 @@ class MultiheadAttentionRule(GramianRule):
             return recorded_weighted_gradients(
                 module, calls, params, batched, weights, leading_axes
             )
-        grads = [g for call in calls for _, g in tensor_outputs(call) if g is not None]
-        if not grads:
-            raise ValueError("Expected at least one call with an output gradient; found none.")
-        check_weights(weights, seed_count(calls), grads[0].shape[1], batched)
-        combined = weighted_calls(calls, weights, batched, leading_axes)
-        rows = self.per_row_gradients(module, combined, params, batched=False)
-        return {name: row[0] for name, row in rows.items()}
+        uses = _uses(attention, calls, batched)
+        return _weighted_from_uses(attention, uses, params, batched, weights)
 
     def _prepare(
         self, module: nn.Module, params: Sequence[str], batched: bool
@@ -382,6 +337,111 @@ class MultiheadAttentionRule(GramianRule):
         self.check(module, batched)
         check_params(params, list(self.covered_parameters(module)), module)
         return module
+
+
+def _rows_from_uses(
+    module: nn.MultiheadAttention,
+    uses: Sequence[_AttentionUse],
+    params: Sequence[str],
+    batched: bool,
+) -> dict[str, Tensor]:
+    seeds, batch = _shape(uses)
+    rows_count = seeds * batch if batched else seeds
+    result: dict[str, Tensor] = {}
+    for name in params:
+        parameter = module.get_parameter(name)
+        if name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            names = _PROJECTIONS if name == "in_proj_weight" else (name[0],)
+            blocks = [
+                weight_per_sample(_projection_terms(uses, (projection,)), batched)
+                for projection in names
+            ]
+            rows = torch.cat([block.squeeze(1) for block in blocks], dim=1)
+        elif name == "in_proj_bias":
+            blocks = [
+                bias_per_sample([_as_grouped(use.input_grads[p]) for use in uses], batched)
+                for p in _PROJECTIONS
+            ]
+            rows = torch.cat(blocks, dim=-1)
+        elif name in ("bias_k", "bias_v"):
+            grads = [use.bias_kv_grads[name] for use in uses]
+            rows = bias_per_sample([_as_grouped(g) for g in grads], batched)
+        elif name == "out_proj.weight":
+            terms = _out_terms(uses)
+            rows = (
+                weight_per_sample(terms, batched).squeeze(1)
+                if terms
+                else parameter.new_zeros(rows_count, *parameter.shape)
+            )
+        else:  # out_proj.bias
+            grads = [use.output_grads for use in uses if use.output_grads is not None]
+            rows = (
+                bias_per_sample([_as_grouped(g) for g in grads], batched)
+                if grads
+                else parameter.new_zeros(rows_count, *parameter.shape)
+            )
+        result[name] = rows.reshape(rows_count, *parameter.shape)
+    return result
+
+
+def _gramian_from_uses(
+    module: nn.MultiheadAttention,
+    uses: Sequence[_AttentionUse],
+    params: Sequence[str],
+    batched: bool,
+) -> Tensor:
+    parts: list[Tensor] = []
+    small = [name for name in params if not name.endswith("_weight") and name != "out_proj.weight"]
+    for name in params:
+        if name == "in_proj_weight":
+            for group in _groups_sharing_inputs(uses):
+                parts.append(weight_gramian(_projection_terms(uses, group), batched))
+        elif name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            parts.append(weight_gramian(_projection_terms(uses, (name[0],)), batched))
+        elif name == "out_proj.weight":
+            terms = _out_terms(uses)
+            if terms:
+                parts.append(weight_gramian(terms, batched))
+    if small:
+        parts.append(gram(list(_rows_from_uses(module, uses, small, batched).values())))
+    if not parts:
+        seeds, batch = _shape(uses)
+        count = seeds * batch if batched else seeds
+        return uses[0].inputs["q"].new_zeros(count, count)
+    return sum(parts[1:], parts[0])
+
+
+def _weighted_from_uses(
+    module: nn.MultiheadAttention,
+    uses: Sequence[_AttentionUse],
+    params: Sequence[str],
+    batched: bool,
+    weights: Tensor,
+) -> dict[str, Tensor]:
+    """``Σ_r weights[r] row_r``: every gradient is linear in the output gradients, so the uses'
+    per-seed gradients are combined by the weights into one seed, whose summed-mode row it is."""
+    seeds, batch = _shape(uses)
+    check_weights(weights, seeds, batch, batched)
+    combined = [_combined_use(use, weights, batched) for use in uses]
+    rows = _rows_from_uses(module, combined, params, batched=False)
+    return {name: row[0] for name, row in rows.items()}
+
+
+def _combined_use(use: _AttentionUse, weights: Tensor, batched: bool) -> _AttentionUse:
+    def combine(grads: Tensor) -> Tensor:
+        weights_ = weights.to(dtype=grads.dtype)
+        if batched:
+            return combine_per_sample(grads, weights_.view(grads.shape[0], -1)).unsqueeze(0)
+        return torch.tensordot(weights_, grads, dims=1).unsqueeze(0)
+
+    return _AttentionUse(
+        inputs=use.inputs,
+        input_grads={name: combine(grads) for name, grads in use.input_grads.items()},
+        attended=use.attended,
+        output_grads=None if use.output_grads is None else combine(use.output_grads),
+        bias_kv_grads={name: combine(grads) for name, grads in use.bias_kv_grads.items()},
+        same_inputs=use.same_inputs,
+    )
 
 
 def _random(module: nn.MultiheadAttention) -> bool:
