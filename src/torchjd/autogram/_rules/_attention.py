@@ -38,8 +38,8 @@ from ._common import (
     seed_count,
     tensor_outputs,
 )
+from ._fallback import recorded_rows, recorded_weighted_gradients
 from ._ghost import SequenceTerm, bias_per_sample, weight_gramian, weight_per_sample
-from ._recorded import recorded_rows, recorded_weighted_gradients
 from ._registry import register_rule
 
 _PROJECTIONS = ("q", "k", "v")

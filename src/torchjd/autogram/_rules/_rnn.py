@@ -1,7 +1,7 @@
 """Gramian rule of ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU`` (any depth, bidirectional or not).
 
 Rows are vector-Jacobian products on the graph the real forward call recorded (see
-:mod:`._recorded`): exact, and no re-run of the recurrence. The samples of the output are on dim 0
+:mod:`._fallback`): exact, and no re-run of the recurrence. The samples of the output are on dim 0
 (``batch_first=True``, required when ``batch_dim`` is set) and those of the final hidden (and
 cell) states on dim 1, as PyTorch lays them out.
 """
@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ._base import Call, GramianRule
 from ._common import check_params, first_argument
-from ._recorded import recorded_rows, recorded_weighted_gradients
+from ._fallback import recorded_rows, recorded_weighted_gradients
 from ._registry import register_rule
 
 
