@@ -22,10 +22,11 @@ what the convergence test checks. All the problems share ``G`` and are solved to
 keeping its own free set.
 
 Numerics. The solver works in float64, on ``G`` divided by its trace (the minimiser does not depend
-on the scale of ``G``). The linear systems are factorised with a ridge of ``64 ε`` (relative to the
-trace) on the diagonal and then refined against the exact system, so that a singular ``G`` (a
-rank-deficient Jacobian with ``reg_eps=0``) still gets a minimiser, and a positive definite one gets
-the exact solution. On the CPU, the rows still in progress are gathered into systems of the size of
+on the scale of ``G``). The linear systems are factorised with a ridge of ``1e-10`` (relative to the
+trace) on the diagonal and then refined against the exact system, so that a positive definite
+``G`` gets the exact solution and a singular one (a rank-deficient Jacobian with ``reg_eps=0``)
+still gets a minimiser, without the rounding errors that a nearly singular factorisation would
+amplify. On the CPU, the rows still in progress are gathered into systems of the size of
 their free sets, and the loop stops as soon as all rows are done; on other devices, all rows keep
 full-size masked systems (no data-dependent shapes) and one boolean is read back to the host every
 few rounds to know whether to stop: the only host synchronisation of the solver.
@@ -42,12 +43,16 @@ from torch import Tensor
 SolverName = Literal["active_set", "quadprog"]
 SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
 
-# The linear systems are factorised with this many machine epsilons (relative to the trace of the
-# Gramian) added to their diagonal, so that a singular Gramian still gets a factorisation.
-_RIDGE = 64.0
+# The linear systems are factorised with this (relative to the trace of the Gramian) added to their
+# diagonal, which bounds the amplification of rounding errors by nearly singular systems; the
+# refinement steps then solve the exact systems.
+_RIDGE = 1e-10
+_REFINEMENTS = 2
+# On the CPU, refinement goes on while it still reduces the residuals, up to this many steps.
+_MAX_REFINEMENTS = 30
 # Sign tests accept errors of up to this many times `m * ε` times the natural scale.
 _TOLERANCE = 4.0
-# Rounds of full exchange allowed without progress before switching to single exchanges.
+# Rounds of full exchange allowed without progress before switching to the careful mode.
 _PATIENCE = 3
 # Most elements in one batch of gathered systems (CPU): 4 MiB in float64, about the L2 cache size.
 _CHUNK_ELEMENTS = 2**19
@@ -155,47 +160,158 @@ class _Problem:
         self.gramian = gramian
         self.lower = lower
         self.linear = lower @ gramian
-        self.ridge = _RIDGE * eps
+        self.ridge = _RIDGE
         # |G_ij| <= s_i s_j: the error of an entry of G x is at most about m ε s_i Σ_j s_j |x_j|.
         self.root_diagonal = gramian.diagonal().clamp_min(0.0).sqrt()
         self.floored_root_diagonal = self.root_diagonal.clamp_min(math.sqrt(self.ridge))
         self.unit_error = _TOLERANCE * max(m, 1) * eps
 
-    def rounding_scale(self, offsets: Tensor, lower: Tensor) -> Tensor:
-        """Per row, the size of the rounding errors of ``G v`` divided by ``s_i``."""
-        return self.unit_error * ((offsets.abs() + lower.abs()) @ self.root_diagonal)
 
+class _Rows:
+    """The state of a batch of problems (rows), each with a free set ``F``. Every round solves
+    ``G_FF x_F = −(G u)_F`` for every row with a ridged factorisation: the ridged solution solves
+    the problem regularised by ``δ ‖v − u‖²`` (a P-matrix complementarity problem, even for a
+    singular ``G``), and its refinement ``x`` the exact one; a row is solved when ``x`` satisfies
+    the exact optimality conditions.
 
-def _infeasibilities(
-    problem: _Problem, offsets: Tensor, products: Tensor, free: Tensor, lower: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Return the mask of the indices on the wrong side (``x < 0`` in ``F`` or ``y < 0`` off
-    ``F``), and, per row, whether the row is solved (no such index, and ``y_F = 0``)."""
-    scale = problem.rounding_scale(offsets, lower).unsqueeze(1)
-    product_tolerance = scale * problem.root_diagonal
-    offset_tolerance = scale / problem.floored_root_diagonal
-    wrong = torch.where(free, offsets < -offset_tolerance, products < -product_tolerance)
-    unbalanced = free & (products.abs() > product_tolerance)
-    solved = ~(wrong | unbalanced).any(dim=1)
-    return wrong, solved
+    Rows start in the fast mode, block principal pivoting driven by the ridged solution. A row
+    whose pivoting stalls, or whose regularised problem is solved but not the exact one (a singular
+    or badly conditioned ``G``), switches to the careful mode: the active-set method of Lawson and
+    Hanson (for non-negative least squares, here in Gram form). It keeps a feasible point, moves it
+    towards the solution on ``F``; when that solution is feasible, ``F`` gains the index with the
+    most negative multiplier, else loses the blocking index. It is finite and keeps ``G_FF``
+    non-singular, at the cost of one index per round."""
 
+    def __init__(self, problem: _Problem) -> None:
+        b, m = problem.lower.shape
+        device = problem.lower.device
+        self.lower = problem.lower
+        self.linear = problem.linear
+        self.free = torch.zeros(b, m, dtype=torch.bool, device=device)
+        self.previous_free = self.free
+        self.best = torch.full((b,), m + 1, dtype=torch.long, device=device)
+        self.patience = torch.full((b,), _PATIENCE, dtype=torch.long, device=device)
+        self.careful = torch.zeros(b, dtype=torch.bool, device=device)
+        self.point = torch.zeros_like(problem.lower)
+        # Offsets x = v − u and products G v, exact and ridged (G v + δ x).
+        self.offsets = torch.zeros_like(problem.lower)
+        self.products = problem.linear.clone()
+        self.regularized_offsets = self.offsets
+        self.regularized_products = self.products
 
-def _exchange(
-    free: Tensor, wrong: Tensor, best: Tensor, patience: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One block principal pivoting step (Júdice and Pires): flip all the wrong indices while their
-    number decreases or the patience lasts, else only the last wrong index."""
-    count = wrong.sum(dim=1)
-    improved = count < best
-    full = improved | (patience > 0)
-    best = torch.where(improved, count, best)
-    patience = torch.where(improved, _PATIENCE, torch.where(full, patience - 1, patience))
-    m = wrong.shape[1]
-    positions = torch.arange(m, device=wrong.device)
-    last = torch.where(wrong, positions, -1).amax(dim=1, keepdim=True)
-    single = positions == last
-    flips = torch.where(full.unsqueeze(1), wrong, single & wrong)
-    return free ^ flips, best, patience
+    _FIELDS = (
+        "lower",
+        "linear",
+        "free",
+        "previous_free",
+        "best",
+        "patience",
+        "careful",
+        "point",
+        "offsets",
+        "products",
+        "regularized_offsets",
+        "regularized_products",
+    )
+
+    def keep(self, mask: Tensor) -> None:
+        """Keep only the rows of ``mask``."""
+        for name in self._FIELDS:
+            setattr(self, name, getattr(self, name)[mask])
+
+    def assess(self, problem: _Problem) -> tuple[Tensor, Tensor]:
+        """Return the mask of the indices on the wrong side for the regularised problem, and, per
+        row, whether the row is solved (the exact problem's conditions hold)."""
+        wrong, _ = self._violations(problem, self.regularized_offsets, self.regularized_products)
+        wrong_exact, unbalanced = self._violations(problem, self.offsets, self.products)
+        return wrong, ~(wrong_exact | unbalanced).any(dim=1)
+
+    def _tolerances(self, problem: _Problem, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """Per entry, the rounding-level tolerances on ``x`` and on ``y = G v``."""
+        absolute = offsets.abs() + self.lower.abs()
+        scale = problem.unit_error * (absolute @ problem.root_diagonal).unsqueeze(1)
+        return scale / problem.floored_root_diagonal, scale * problem.root_diagonal
+
+    def _violations(
+        self, problem: _Problem, offsets: Tensor, products: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``x < 0`` in ``F`` or ``y < 0`` off ``F``; and ``y ≠ 0`` in ``F``; up to rounding."""
+        offset_tolerance, product_tolerance = self._tolerances(problem, offsets)
+        wrong = torch.where(self.free, offsets < -offset_tolerance, products < -product_tolerance)
+        unbalanced = self.free & (products.abs() > product_tolerance)
+        return wrong, unbalanced
+
+    def pivot(self, problem: _Problem, wrong: Tensor, first: bool) -> None:
+        """Choose the next free sets (of the unsolved rows): the warm start's guess in the first
+        round, else one step of the row's mode."""
+        self.previous_free = self.free
+        if first:
+            self.free = _warm_start(problem, self.lower)
+            return
+        count = wrong.sum(dim=1)
+        improved = count < self.best
+        stalled = ~improved & (self.patience <= 0)
+        switching = ~self.careful & ((count == 0) | stalled)
+        careful = self.careful.unsqueeze(1)
+        # Fast mode: flip all the wrong indices (Júdice and Pires's counting rule decides when
+        # that has stalled).
+        self.best = torch.where(improved, count, self.best)
+        self.patience = torch.where(improved, _PATIENCE, self.patience - 1)
+        fast_free = self.free ^ wrong
+        # Careful mode, entered from the current solution's feasible part.
+        point, careful_free = self._lawson_hanson_step(problem)
+        entering = switching.unsqueeze(1)
+        entry_point = self.offsets.clamp_min(0.0) * self.free
+        self.point = torch.where(entering, entry_point, torch.where(careful, point, self.point))
+        self.free = torch.where(
+            entering,
+            self.free & (entry_point > 0),
+            torch.where(careful, careful_free, fast_free),
+        )
+        self.careful = self.careful | switching
+
+    def _lawson_hanson_step(self, problem: _Problem) -> tuple[Tensor, Tensor]:
+        """One step of the careful mode, from the solution ``z`` on ``F`` of the last round."""
+        solution, products, point, free = self.offsets, self.products, self.point, self.free
+        offset_tolerance, product_tolerance = self._tolerances(problem, solution)
+        blocked = free & (solution < -offset_tolerance)
+        any_blocked = blocked.any(dim=1, keepdim=True)
+        # Move towards z until the first coordinate reaches zero; drop it from F.
+        safe_gap = torch.where(blocked, point - solution, torch.ones_like(point))
+        ratios = torch.where(blocked, point / safe_gap, torch.full_like(point, math.inf))
+        step = ratios.amin(dim=1, keepdim=True).clamp(0.0, 1.0)
+        blocking = blocked & (ratios <= step)
+        moved = torch.where(blocking, 0.0, point + step * (solution - point)).clamp_min(0.0)
+        moved_free = free & ~blocking & (moved > 0)
+        # z is feasible: it becomes the point, and the most negative multiplier enters F.
+        candidates = ~free & (products < -product_tolerance)
+        most_negative = torch.where(candidates, products, math.inf).argmin(dim=1, keepdim=True)
+        positions = torch.arange(free.shape[1], device=free.device)
+        entering = (positions == most_negative) & candidates
+        accepted = solution.clamp_min(0.0) * free
+        return (
+            torch.where(any_blocked, moved, accepted),
+            torch.where(any_blocked, moved_free, free | entering),
+        )
+
+    def refinement_start(self) -> Tensor:
+        """Where the refinement starts: the current exact solution for the rows whose free set
+        did not change in this round, NaN (meaning "from the ridged solution") for the others."""
+        unchanged = (self.free == self.previous_free).all(dim=1, keepdim=True)
+        return torch.where(unchanged, self.offsets, math.nan)
+
+    def right_hand_side(self) -> Tensor:
+        """The right-hand side of the systems, zero off ``F``."""
+        return -self.linear * self.free
+
+    def set_offsets(self, problem: _Problem, regularized: Tensor, refined: Tensor) -> None:
+        gramian = problem.gramian
+        self.regularized_offsets = regularized
+        self.regularized_products = (
+            regularized @ gramian + self.linear + problem.ridge * regularized
+        )
+        self.offsets = refined
+        self.products = refined @ gramian + self.linear
 
 
 def _warm_start(problem: _Problem, lower: Tensor) -> Tensor:
@@ -225,200 +341,183 @@ def _warm_start(problem: _Problem, lower: Tensor) -> Tensor:
 
 
 def _solve_gathered(problem: _Problem) -> Tensor:
-    """CPU path: see :class:`_GatheredSolver`."""
-    return _GatheredSolver(problem).run()
+    """CPU path: only the unsolved rows are kept, and the system of each is gathered to the size
+    of its free set, in batches of rows with similar sizes that fit in the cache."""
+    m = problem.gramian.shape[0]
+    padded_gramian = torch.nn.functional.pad(problem.gramian, (0, 1, 0, 1))
+    result = torch.zeros_like(problem.lower)
+    indices = torch.arange(problem.lower.shape[0])
+    rows = _Rows(problem)
+    for round_ in range(_max_rounds(m)):
+        wrong, solved = rows.assess(problem)
+        if bool(solved.any()):
+            result[indices[solved]] = rows.offsets[solved].clamp_min(0.0)
+            if bool(solved.all()):
+                return result
+            unsolved = ~solved
+            indices, wrong = indices[unsolved], wrong[unsolved]
+            rows.keep(unsolved)
+        rows.pivot(problem, wrong, first=round_ == 0)
+        regularized, refined = _gathered_free_solve(
+            padded_gramian,
+            problem.ridge,
+            rows.free,
+            rows.right_hand_side(),
+            rows.refinement_start(),
+        )
+        rows.set_offsets(problem, regularized, refined)
+    raise _not_converged(m)
 
 
-class _GatheredSolver:
-    """CPU path of the solver. Only the rows still in progress are kept, and the system of each is
-    gathered to the size of its free set, in batches of rows with similar sizes that fit in the
-    cache."""
-
-    def __init__(self, problem: _Problem) -> None:
-        self.problem = problem
-        b, m = problem.lower.shape
-        self.m = m
-        self.padded_gramian = torch.zeros(m + 1, m + 1, dtype=problem.gramian.dtype)
-        self.padded_gramian[:m, :m] = problem.gramian
-        self.result = torch.zeros_like(problem.lower)
-        self.rows = torch.arange(b)
-        self.lower = problem.lower
-        self.linear = problem.linear
-        self.offsets = torch.zeros_like(problem.lower)
-        self.products = problem.linear.clone()
-        self.free = torch.zeros(b, m, dtype=torch.bool)
-        self.best = torch.full((b,), m + 1, dtype=torch.long)
-        self.patience = torch.full((b,), _PATIENCE, dtype=torch.long)
-
-    def run(self) -> Tensor:
-        for round_ in range(_max_rounds(self.m)):
-            wrong, solved = _infeasibilities(
-                self.problem, self.offsets, self.products, self.free, self.lower
-            )
-            if bool(solved.any()):
-                self.result[self.rows[solved]] = self.offsets[solved].clamp_min(0.0)
-                if bool(solved.all()):
-                    return self.result
-                wrong = self._retire(solved, wrong)
-            # A row with nothing to move only needs more refinement, from where it is.
-            refine_only = ~wrong.any(dim=1)
-            if round_ == 0:
-                self.free = _warm_start(self.problem, self.lower)
-            else:
-                self.free, self.best, self.patience = _exchange(
-                    self.free, wrong, self.best, self.patience
-                )
-            self._solve(refine_only)
-        raise _not_converged(self.m)
-
-    def _retire(self, solved: Tensor, wrong: Tensor) -> Tensor:
-        keep = ~solved
-        self.rows, self.lower, self.linear = self.rows[keep], self.lower[keep], self.linear[keep]
-        self.offsets, self.products = self.offsets[keep], self.products[keep]
-        self.free, self.best, self.patience = self.free[keep], self.best[keep], self.patience[keep]
-        return wrong[keep]
-
-    def _solve(self, refine_only: Tensor) -> None:
-        """Set ``offsets`` to the solution of ``G_FF x_F = −(G u)_F`` (``x = 0`` off ``F``) and
-        ``products`` to ``G v``, for every row. The rows in ``refine_only`` (whose ``F`` did not
-        change) take one step of iterative refinement from their current offsets instead, with
-        an exact residual: that removes the ridge's effect on nearly singular systems."""
-        m = self.m
-        keep = refine_only.unsqueeze(1)
-        residual = torch.where(keep, -self.products, -self.linear) * self.free
-        residual = torch.nn.functional.pad(residual, (0, 1))
-        correction = torch.zeros_like(residual)
-        counts = self.free.sum(dim=1)
-        order = torch.argsort(counts)
-        sorted_counts = counts[order].tolist()
-        n = len(sorted_counts)
-        first = 0
-        while first < n and sorted_counts[first] == 0:
-            first += 1
-        while first < n:
-            last = first + 1
-            while last < n and (last + 1 - first) * sorted_counts[last] ** 2 <= _CHUNK_ELEMENTS:
-                last += 1
-            chunk = order[first:last]
-            size = sorted_counts[last - 1]
-            # Free indices first (the stable sort keeps them increasing), then the padding index.
-            indices = torch.sort(
-                self.free[chunk].to(torch.uint8), dim=1, descending=True, stable=True
-            )[1][:, :size]
-            valid = torch.arange(size) < counts[chunk].unsqueeze(1)
-            indices = torch.where(valid, indices, m)
-            flat_indices = indices.unsqueeze(2) * (m + 1) + indices.unsqueeze(1)
-            systems = torch.take(self.padded_gramian, flat_indices)
-            # The padding rows and columns become the identity.
-            systems.diagonal(dim1=1, dim2=2).add_((~valid).to(systems.dtype))
-            factor = _cholesky(systems, ridge=self.problem.ridge * valid.to(systems.dtype))
-            x = torch.cholesky_solve(residual[chunk].gather(1, indices).unsqueeze(-1), factor)
-            correction[chunk] = torch.zeros_like(residual[chunk]).scatter_(1, indices, x[..., 0])
-            first = last
-        self.offsets = torch.where(keep, self.offsets, 0.0) + correction[:, :m]
-        self.products = self.offsets @ self.problem.gramian + self.linear
+def _gathered_free_solve(
+    padded_gramian: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Solve ``(G_FF + δ I) x_F = r_F`` and ``G_FF x_F = r_F`` (``x = 0`` off ``F``) for every
+    row; see :func:`_refined_solve`."""
+    b, m = free.shape
+    regularized = torch.zeros(b, m + 1, dtype=rhs.dtype)
+    refined = torch.zeros_like(regularized)
+    rhs = torch.nn.functional.pad(rhs, (0, 1))
+    start = torch.nn.functional.pad(start, (0, 1))
+    counts = free.sum(dim=1)
+    order = torch.argsort(counts)
+    sorted_counts = counts[order].tolist()
+    first = 0
+    while first < b and sorted_counts[first] == 0:
+        first += 1
+    while first < b:
+        last = first + 1
+        while last < b and (last + 1 - first) * sorted_counts[last] ** 2 <= _CHUNK_ELEMENTS:
+            last += 1
+        chunk = order[first:last]
+        size = sorted_counts[last - 1]
+        # Free indices first (the stable sort keeps them increasing), then the padding index m.
+        indices = torch.sort(free[chunk].to(torch.uint8), dim=1, descending=True, stable=True)[1]
+        valid = torch.arange(size) < counts[chunk].unsqueeze(1)
+        indices = torch.where(valid, indices[:, :size], m)
+        systems = torch.take(padded_gramian, indices.unsqueeze(2) * (m + 1) + indices.unsqueeze(1))
+        # The padding rows and columns become the identity.
+        systems.diagonal(dim1=1, dim2=2).add_((~valid).to(systems.dtype))
+        x_regularized, x_refined = _refined_solve(
+            systems,
+            ridge * valid.to(systems.dtype),
+            rhs[chunk].gather(1, indices),
+            start[chunk].gather(1, indices),
+        )
+        regularized[chunk] = torch.zeros_like(regularized[chunk]).scatter_(
+            1, indices, x_regularized
+        )
+        refined[chunk] = torch.zeros_like(refined[chunk]).scatter_(1, indices, x_refined)
+        first = last
+    return regularized[:, :m], refined[:, :m]
 
 
-def _cholesky(matrices: Tensor, ridge: Tensor | None = None) -> Tensor:
-    """Cholesky factors of a batch of positive semi-definite matrices. On the CPU, the matrices
-    that are numerically singular are factorised again with ``ridge`` added to their diagonal,
-    and a ``ValueError`` is raised for those that still fail."""
-    factor, info = torch.linalg.cholesky_ex(matrices)
-    if matrices.device.type != "cpu":
-        return factor
-    failed = info > 0
-    if ridge is not None and bool(failed.any()):
-        retry = torch.nonzero(failed).squeeze(1)
-        ridged = matrices[retry] + torch.diag_embed(ridge[retry])
-        factor[retry], info[retry] = torch.linalg.cholesky_ex(ridged)
-        failed = info > 0
-    if bool(failed.any()):
+def _refined_solve(
+    systems: Tensor, ridge: Tensor, rhs: Tensor, start: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Solve ``(systems + diag(ridge)) x = rhs`` with a Cholesky factorisation, and
+    ``systems x = rhs`` by iterative refinement with the same factor, from the ridged solution, or
+    from ``start`` for the rows where it is not NaN (rows whose free set did not change, so that
+    refinement goes on over the rounds). The systems are positive semi-definite; refinement removes
+    the ridge's effect on well-conditioned ones and brings the residual to rounding level on
+    (consistent) singular ones. ``_REFINEMENTS`` steps are made; on the CPU, more while they still
+    halve the residuals that are not yet at rounding level.
+
+    :raises ValueError: On the CPU, if a factorisation fails (a clearly indefinite system).
+    """
+    on_cpu = systems.device.type == "cpu"
+    factor, info = torch.linalg.cholesky_ex(systems + torch.diag_embed(ridge))
+    if on_cpu and bool((info > 0).any()):
         raise ValueError(
             "Parameter `gramian` should be positive semi-definite, but a principal submatrix "
             "of it has a clearly negative eigenvalue."
         )
-    return factor
-
-
-def _refined_solve(
-    shifted: Tensor, shift: Tensor, factor: Tensor, rhs: Tensor, start: Tensor
-) -> Tensor:
-    """Solve ``(shifted − diag(shift)) x = rhs`` by two steps of iterative refinement from
-    ``start``, with the Cholesky ``factor`` of ``shifted`` (positive definite thanks to the small
-    ``shift``). The second step removes the effect of ``shift`` when the exact system is positive
-    definite; starting from the previous round's solution lets a row whose free set did not change
-    keep refining, should two steps not suffice (nearly singular systems)."""
-    x = start.unsqueeze(-1)
-    for _ in range(2):
-        residual = rhs.unsqueeze(-1) - shifted @ x + shift.unsqueeze(-1) * x
-        x = x + torch.cholesky_solve(residual, factor)
-    return x.squeeze(-1)
+    rhs = rhs.unsqueeze(-1)
+    regularized = torch.cholesky_solve(rhs, factor)
+    start = start.unsqueeze(-1)
+    refined = torch.where(start.isnan().any(dim=1, keepdim=True), regularized, start)
+    # Rounding level of the residual, per row: |A_ij| <= max_k A_kk for a PSD matrix A.
+    largest = systems.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True).unsqueeze(-1)
+    previous_norm = None
+    for step in range(_MAX_REFINEMENTS if on_cpu else _REFINEMENTS):
+        residual = rhs - systems @ refined
+        if on_cpu and step >= _REFINEMENTS:
+            norm = residual.abs().amax(dim=(1, 2))
+            scale = largest.squeeze() * refined.abs().sum(dim=(1, 2)) + rhs.abs().amax(dim=(1, 2))
+            pending = norm > 8 * systems.shape[-1] * torch.finfo(norm.dtype).eps * scale
+            if previous_norm is not None:
+                pending &= norm < 0.5 * previous_norm
+            if not bool(pending.any()):
+                break
+            previous_norm = norm
+        refined = refined + torch.cholesky_solve(residual, factor)
+    return regularized.squeeze(-1), refined.squeeze(-1)
 
 
 def _solve_masked(problem: _Problem) -> Tensor:
     """Device path: every row keeps a full-size system, masked to its free set, so that shapes
     never depend on the data; solved rows are frozen. The convergence flag is read back to the
     host every ``_ROUNDS_PER_CHECK`` rounds."""
-    lower, linear, gramian = problem.lower, problem.linear, problem.gramian
-    b, m = lower.shape
-    device = lower.device
-    offsets = torch.zeros_like(lower)
-    products = linear.clone()
-    free = torch.zeros_like(lower, dtype=torch.bool)
-    best = torch.full((b,), m + 1, dtype=torch.long, device=device)
-    patience = torch.full((b,), _PATIENCE, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    gramian = problem.gramian
+    b, m = problem.lower.shape
+    rows = _Rows(problem)
+    done = torch.zeros(b, dtype=torch.bool, device=gramian.device)
     rows_per_chunk = max(1, _MASKED_CHUNK_ELEMENTS // (m * m))
     for round_ in range(_max_rounds(m)):
-        wrong, solved = _infeasibilities(problem, offsets, products, free, lower)
+        wrong, solved = rows.assess(problem)
         done = done | solved
         if round_ % _ROUNDS_PER_CHECK == 0:
-            all_done, finite = torch.stack([done.all(), torch.isfinite(offsets).all()]).tolist()
+            finite = torch.isfinite(rows.offsets).all()
+            all_done, all_finite = torch.stack([done.all(), finite]).tolist()
             if all_done:
-                return offsets.clamp_min(0.0)
-            if not finite:
+                return rows.offsets.clamp_min(0.0)
+            if not all_finite:
                 raise ValueError(
                     "Parameter `gramian` should be positive semi-definite with finite entries."
                 )
-        if round_ == 0:
-            new_free, new_best, new_patience = _warm_start(problem, lower), best, patience
-        else:
-            new_free, new_best, new_patience = _exchange(free, wrong, best, patience)
-        keep = done.unsqueeze(1)
-        free = torch.where(keep, free, new_free)
-        best = torch.where(done, best, new_best)
-        patience = torch.where(done, patience, new_patience)
-        new_offsets = torch.cat(
-            [
-                _masked_free_solve(
-                    gramian,
-                    problem.ridge,
-                    free[first : first + rows_per_chunk],
-                    -linear[first : first + rows_per_chunk],
-                    (offsets * free)[first : first + rows_per_chunk],
-                )
-                for first in range(0, b, rows_per_chunk)
-            ]
+        frozen = done.unsqueeze(1)
+        previous = (rows.free, rows.best, rows.patience, rows.careful, rows.point)
+        rows.pivot(problem, wrong, first=round_ == 0)
+        rows.free = torch.where(frozen, previous[0], rows.free)
+        rows.best = torch.where(done, previous[1], rows.best)
+        rows.patience = torch.where(done, previous[2], rows.patience)
+        rows.careful = torch.where(done, previous[3], rows.careful)
+        rows.point = torch.where(frozen, previous[4], rows.point)
+        rhs = rows.right_hand_side()
+        start = rows.refinement_start()
+        solutions = [
+            _masked_free_solve(
+                gramian,
+                problem.ridge,
+                rows.free[first : first + rows_per_chunk],
+                rhs[first : first + rows_per_chunk],
+                start[first : first + rows_per_chunk],
+            )
+            for first in range(0, b, rows_per_chunk)
+        ]
+        regularized = torch.cat([solution[0] for solution in solutions])
+        refined = torch.cat([solution[1] for solution in solutions])
+        rows.set_offsets(
+            problem,
+            torch.where(frozen, rows.regularized_offsets, regularized),
+            torch.where(frozen, rows.offsets, refined),
         )
-        offsets = torch.where(keep, offsets, new_offsets)
-        products = offsets @ gramian + linear
     raise _not_converged(m)
 
 
 def _masked_free_solve(
     gramian: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor
-) -> Tensor:
-    """Solve ``G_FF x_F = rhs_F`` (``x = 0`` off ``F``) with ``m x m`` systems equal to ``G`` on
-    ``F x F`` and to the identity elsewhere."""
+) -> tuple[Tensor, Tensor]:
+    """:func:`_refined_solve` with ``m x m`` systems equal to ``G`` on ``F x F`` and to the
+    identity elsewhere."""
     both = free.unsqueeze(2) & free.unsqueeze(1)
     systems = torch.where(both, gramian, 0.0)
-    systems.diagonal(dim1=1, dim2=2).add_(torch.where(free, ridge, 1.0).to(systems.dtype))
-    shift = torch.where(free, ridge, 0.0).to(systems.dtype)
-    return _refined_solve(systems, shift, _cholesky(systems), rhs * free, start)
+    systems.diagonal(dim1=1, dim2=2).add_((~free).to(systems.dtype))
+    return _refined_solve(systems, ridge * free.to(systems.dtype), rhs, start)
 
 
 def _max_rounds(m: int) -> int:
-    return 3 * m + 30
+    return 4 * m + 50
 
 
 def _not_converged(m: int) -> RuntimeError:

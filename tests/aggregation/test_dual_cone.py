@@ -1,0 +1,327 @@
+"""Tests of the dual-cone solver: ``min vᵀ G v  s.t.  v ≥ u`` for many ``u`` at once.
+
+References: the KKT conditions, a brute-force enumeration of the free sets for small ``m`` (which
+needs nothing but torch), and quadprog when it is installed (parity tests only).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from _asserts import assert_close
+from _matrices import SCALES, matrices, sample, sample_matrix
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+import torchjd.aggregation._dual_cone as dual_cone
+from torchjd.aggregation._dual_cone import (
+    SOLVERS,
+    _Problem,
+    _solve_masked,
+    check_epsilon,
+    check_solver,
+    project_weights,
+    solve_dual_cone_qp,
+)
+
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+def _normalized(matrix: Tensor, reg_eps: float = 1e-4) -> Tensor:
+    """The Gramian of ``matrix`` divided by its trace, plus ``reg_eps`` times the identity."""
+    gramian = matrix @ matrix.T
+    trace = gramian.trace()
+    if trace > 0:
+        gramian = gramian / trace
+    return gramian + reg_eps * torch.eye(gramian.shape[0], dtype=gramian.dtype)
+
+
+def _kkt_violation(gramian: Tensor, lower: Tensor, solution: Tensor) -> float:
+    """Largest relative violation of the KKT conditions of ``min vᵀGv s.t. v ≥ u`` (per row:
+    ``λ = 2 G v`` must be non-negative, and zero wherever ``v > u``). Primal feasibility is
+    required exactly."""
+    assert (solution >= lower).all(), "v >= u violated"
+    multipliers = solution @ gramian  # λ / 2
+    # Natural scales, per row: of the terms of G v and G u, and of v and u.
+    magnitudes = solution.abs() + lower.abs()
+    product_scale = (magnitudes @ gramian.abs()).amax(dim=1, keepdim=True)
+    gap = solution - lower
+    gap_scale = torch.maximum(solution.abs(), lower.abs()).amax(dim=1, keepdim=True)
+    product_scale = product_scale.clamp_min(torch.finfo(gramian.dtype).tiny)
+    gap_scale = gap_scale.clamp_min(torch.finfo(gramian.dtype).tiny)
+    negativity = (-multipliers / product_scale).clamp_min(0.0)
+    # Complementarity: each index is either at its bound or has a zero multiplier.
+    complementarity = torch.minimum(gap / gap_scale, multipliers.abs() / product_scale)
+    return max(negativity.max().item(), complementarity.max().item())
+
+
+def _scale(expected: Tensor, lower: Tensor) -> float:
+    """The natural scale of the solutions, for relative tolerances: that of ``v`` and of ``u``
+    (``v`` alone can be zero up to rounding errors of the order of ``u``)."""
+    return max(expected.abs().max().item(), lower.abs().max().item())
+
+
+def _brute_force(gramian: Tensor, lower: Tensor) -> Tensor:
+    """The minimiser for one ``u``, by trying every free set (``m`` small, ``G`` positive
+    definite): the one whose solution has ``x ≥ 0`` on it and ``G v ≥ 0`` off it."""
+    m = gramian.shape[0]
+    linear = gramian @ lower
+    best: Tensor | None = None
+    best_violation = float("inf")
+    for size in range(m + 1):
+        for free in itertools.combinations(range(m), size):
+            offsets = torch.zeros(m, dtype=gramian.dtype)
+            if free:
+                index = torch.tensor(free)
+                offsets[index] = torch.linalg.solve(gramian[index][:, index], -linear[index])
+            products = gramian @ offsets + linear
+            mask = torch.zeros(m, dtype=torch.bool)
+            mask[list(free)] = True
+            violation = max(
+                (-offsets[mask]).clamp_min(0).max().item() if free else 0.0,
+                (-products[~mask]).clamp_min(0).max().item() if size < m else 0.0,
+            )
+            if violation < best_violation:
+                best, best_violation = lower + offsets.clamp_min(0), violation
+    assert best is not None
+    return best
+
+
+def _quadprog_solution(gramian: Tensor, lower: Tensor) -> Tensor:
+    quadprog = pytest.importorskip("quadprog")
+    import numpy as np
+
+    m = gramian.shape[0]
+    matrix = gramian.to(torch.float64).numpy()
+    rows = [
+        quadprog.solve_qp(matrix, np.zeros(m), np.eye(m), u, 0)[0]
+        for u in lower.to(torch.float64).reshape(-1, m).numpy()
+    ]
+    return torch.tensor(np.array(rows)).reshape(lower.shape)
+
+
+def _upgrad_lower(m: int, generator: torch.Generator) -> Tensor:
+    return torch.diag(torch.rand(m, generator=generator, dtype=torch.float64) + 0.1)
+
+
+@st.composite
+def _problems(draw: st.DrawFn, max_rows: int = 12, reg_eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """A regularised, trace-normalised Gramian of a sampled matrix and a batch of lower bounds:
+    either ``diag(u)`` (the problems of UPGrad) or random vectors of both signs."""
+    matrix = draw(matrices(max_rows=max_rows, max_cols=12, scales=SCALES))
+    m = matrix.shape[0]
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if draw(st.booleans()):
+        lower = _upgrad_lower(m, generator)
+    else:
+        lower = torch.randn(draw(st.integers(1, 4)), m, generator=generator, dtype=torch.float64)
+    return _normalized(matrix, reg_eps), lower
+
+
+@settings(max_examples=40, deadline=None)
+@given(_problems(max_rows=7))
+def test_matches_brute_force(problem: tuple[Tensor, Tensor]) -> None:
+    gramian, lower = problem
+    solution = solve_dual_cone_qp(lower, gramian)
+    expected = torch.stack([_brute_force(gramian, u) for u in lower])
+    assert_close(solution, expected, atol=0.0, rtol=1e-9, scale=_scale(expected, lower))
+
+
+@settings(max_examples=40, deadline=None)
+@given(_problems(max_rows=40))
+def test_kkt_conditions_hold(problem: tuple[Tensor, Tensor]) -> None:
+    gramian, lower = problem
+    solution = solve_dual_cone_qp(lower, gramian)
+    assert _kkt_violation(gramian, lower, solution) <= 1e-11
+
+
+@settings(max_examples=25, deadline=None)
+@given(_problems(max_rows=40, reg_eps=0.0))
+def test_kkt_conditions_hold_for_singular_gramians(problem: tuple[Tensor, Tensor]) -> None:
+    # Without regularisation, rank-deficient Gramians (m > n, low rank, duplicated rows) still get
+    # a minimiser; the minimiser is not unique there, the KKT conditions say it is one.
+    gramian, lower = problem
+    solution = solve_dual_cone_qp(lower, gramian)
+    assert _kkt_violation(gramian, lower, solution) <= 1e-9
+
+
+@pytest.mark.parametrize("kind", ["full", "low_rank", "duplicated", "rank_one"])
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
+def test_matches_quadprog(kind: str, scale: float) -> None:
+    pytest.importorskip("quadprog")
+    for seed, (m, n) in enumerate([(5, 9), (24, 40), (64, 32)]):
+        gramian = _normalized(sample(kind, m, n, scale=scale, seed=seed))  # type: ignore[arg-type]
+        lower = _upgrad_lower(m, torch.Generator().manual_seed(seed))
+        expected = _quadprog_solution(gramian, lower)
+        assert_close(solve_dual_cone_qp(lower, gramian), expected, atol=0.0, rtol=1e-9)
+
+
+def test_matches_quadprog_in_float32() -> None:
+    pytest.importorskip("quadprog")
+    matrix = sample_matrix(32, 20, rank=10, seed=5)
+    gramian64 = _normalized(matrix)
+    lower64 = _upgrad_lower(32, torch.Generator().manual_seed(1))
+    solution = solve_dual_cone_qp(lower64.float(), gramian64.float())
+    assert solution.dtype == torch.float32
+    assert_close(solution, _quadprog_solution(gramian64, lower64), atol=0.0, rtol=1e-5)
+
+
+def test_project_weights_dispatches_to_quadprog() -> None:
+    pytest.importorskip("quadprog")
+    gramian = _normalized(sample_matrix(6, 4, seed=2))
+    lower = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = _quadprog_solution(gramian, lower)
+    scale = _scale(expected, lower)
+    assert_close(project_weights(lower, gramian, "quadprog"), expected, atol=0.0, rtol=1e-12)
+    assert_close(
+        project_weights(lower, gramian, "active_set"), expected, atol=0.0, rtol=1e-9, scale=scale
+    )
+
+
+def test_quadprog_rejects_singular_gramians() -> None:
+    pytest.importorskip("quadprog")
+    gramian = _normalized(sample_matrix(4, 2, seed=0), reg_eps=0.0)
+    with pytest.raises(ValueError, match="reg_eps > 0"):
+        project_weights(torch.eye(4, dtype=torch.float64), gramian, "quadprog")
+
+
+def test_invariant_to_the_scale_of_the_gramian() -> None:
+    gramian = _normalized(sample_matrix(30, 50, seed=3))
+    lower = _upgrad_lower(30, torch.Generator().manual_seed(0))
+    expected = solve_dual_cone_qp(lower, gramian)
+    for factor in (1e-250, 1e-12, 1e12, 1e250):
+        assert_close(solve_dual_cone_qp(lower, factor * gramian), expected, atol=0.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 60])
+def test_masked_path_agrees_with_gathered_path(m: int) -> None:
+    # The masked path is the one used on accelerators; it runs on the CPU too.
+    for seed, kind in enumerate(["full", "low_rank", "non_conflicting", "duplicated"]):
+        gramian = _normalized(sample(kind, m, 8, seed=seed))  # type: ignore[arg-type]
+        lower = torch.cat(
+            [
+                _upgrad_lower(m, torch.Generator().manual_seed(seed)),
+                torch.randn(3, m, dtype=torch.float64, generator=torch.Generator().manual_seed(9)),
+            ]
+        )
+        masked = lower + _solve_masked(_Problem(gramian, lower))
+        assert_close(masked, solve_dual_cone_qp(lower, gramian), atol=0.0, rtol=1e-10)
+        assert _kkt_violation(gramian, lower, masked) <= 1e-11
+
+
+def test_masked_path_on_a_singular_gramian() -> None:
+    gramian = _normalized(sample("duplicated", 12, 5, seed=4), reg_eps=0.0)
+    lower = _upgrad_lower(12, torch.Generator().manual_seed(2))
+    masked = lower + _solve_masked(_Problem(gramian, lower))
+    assert _kkt_violation(gramian, lower, masked) <= 1e-9
+
+
+def test_cold_start_and_small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the warm start, the pivoting does all the work (many rounds, the single-index rule
+    # included), and tiny chunks split every round into many batches of systems.
+    gramian = _normalized(sample_matrix(40, 20, rank=10, seed=7))
+    lower = _upgrad_lower(40, torch.Generator().manual_seed(3))
+    expected = solve_dual_cone_qp(lower, gramian)
+    monkeypatch.setattr(dual_cone, "_WARM_START_ITERATIONS", 0)
+    monkeypatch.setattr(dual_cone, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(dual_cone, "_PATIENCE", 0)
+    solution = solve_dual_cone_qp(lower, gramian)
+    assert_close(solution, expected, atol=0.0, rtol=1e-10)
+    assert _kkt_violation(gramian, lower, solution) <= 1e-11
+
+
+def test_zero_gramian_keeps_the_lower_bounds() -> None:
+    lower = torch.tensor([[0.5, -1.0, 0.0], [2.0, 3.0, -4.0]], dtype=torch.float64)
+    assert torch.equal(solve_dual_cone_qp(lower, torch.zeros(3, 3, dtype=torch.float64)), lower)
+
+
+def test_scaled_identity_gives_the_positive_part() -> None:
+    lower = torch.tensor([[0.5, -1.0, 0.0], [2.0, 3.0, -4.0]], dtype=torch.float64)
+    gramian = 1e-4 * torch.eye(3, dtype=torch.float64)
+    assert torch.equal(solve_dual_cone_qp(lower, gramian), lower.clamp_min(0.0))
+
+
+def test_non_conflicting_rows_keep_their_weights() -> None:
+    matrix = sample("non_conflicting", 10, 6, seed=0)
+    lower = _upgrad_lower(10, torch.Generator().manual_seed(0))
+    assert torch.equal(solve_dual_cone_qp(lower, _normalized(matrix)), lower)
+
+
+def test_shapes_dtypes_and_empty_inputs() -> None:
+    gramian = _normalized(sample_matrix(4, 3, seed=1))
+    lower = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    solution = solve_dual_cone_qp(lower, gramian)
+    assert solution.shape == (2, 3, 4)
+    assert_close(solution[1, 2], solve_dual_cone_qp(lower[1, 2], gramian), atol=1e-12)
+    single = solve_dual_cone_qp(lower.float(), gramian.float())
+    assert single.dtype == torch.float32
+    assert (single >= lower.float()).all()
+    assert solve_dual_cone_qp(torch.zeros(0, 4), gramian.float()).shape == (0, 4)
+    assert solve_dual_cone_qp(torch.zeros(3, 0), torch.zeros(0, 0)).shape == (3, 0)
+
+
+def test_result_carries_no_gradient() -> None:
+    gramian = _normalized(sample_matrix(3, 3, seed=0)).requires_grad_(True)
+    lower = torch.eye(3, dtype=torch.float64, requires_grad=True)
+    assert not solve_dual_cone_qp(lower, gramian).requires_grad
+
+
+def test_bad_inputs_are_rejected() -> None:
+    gramian = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="square"):
+        solve_dual_cone_qp(torch.ones(3), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="last dimension"):
+        solve_dual_cone_qp(torch.ones(2), gramian)
+    with pytest.raises(ValueError, match="finite"):
+        solve_dual_cone_qp(torch.ones(3), gramian * float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        solve_dual_cone_qp(torch.tensor([1.0, float("inf"), 0.0]), gramian)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        solve_dual_cone_qp(torch.eye(3), -gramian)
+
+
+def test_not_converging_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dual_cone, "_max_rounds", lambda m: 1)
+    gramian = _normalized(sample_matrix(10, 10, seed=0))
+    with pytest.raises(RuntimeError, match="did not converge"):
+        solve_dual_cone_qp(_upgrad_lower(10, torch.Generator().manual_seed(0)), gramian)
+
+
+def test_check_solver() -> None:
+    assert check_solver("active_set") == "active_set"
+    assert SOLVERS == ("active_set", "quadprog")
+    with pytest.raises(ValueError, match="'active_set', 'quadprog'"):
+        check_solver("cvxpy")
+
+
+def test_missing_quadprog_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import torchjd.aggregation._dual_cone_quadprog as backend
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "quadprog" else real_find_spec(name, *args),
+    )
+    with pytest.raises(ImportError, match=r'pip install "torchjd\[quadprog\]"'):
+        check_solver("quadprog")
+
+    def fail(name: str) -> None:
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(backend.importlib, "import_module", fail)
+    with pytest.raises(ImportError, match=r'pip install "torchjd\[quadprog\]"'):
+        project_weights(torch.ones(2), torch.eye(2), "quadprog")
+
+
+def test_check_epsilon() -> None:
+    assert check_epsilon("reg_eps", 0) == 0
+    assert check_epsilon("reg_eps", 1e-4) == 1e-4
+    for bad in (-1e-4, float("nan"), float("inf"), "0.1", None, True):
+        with pytest.raises(ValueError, match="reg_eps"):
+            check_epsilon("reg_eps", bad)
