@@ -325,3 +325,14 @@ def test_check_epsilon() -> None:
     for bad in (-1e-4, float("nan"), float("inf"), "0.1", None, True):
         with pytest.raises(ValueError, match="reg_eps"):
             check_epsilon("reg_eps", bad)
+
+
+def test_slightly_asymmetric_gramians() -> None:
+    # J @ J.T in float32 is not exactly symmetric; the solver uses its symmetric part.
+    matrix = sample_matrix(40, 30, seed=6, dtype=torch.float32)
+    gramian = matrix @ matrix.T
+    gramian = gramian / gramian.trace() + 1e-4 * torch.eye(40)
+    lower = _upgrad_lower(40, torch.Generator().manual_seed(0)).float()
+    solution = solve_dual_cone_qp(lower, gramian)
+    symmetric = ((gramian + gramian.T) / 2).double()
+    assert_close(solution, solve_dual_cone_qp(lower.double(), symmetric), atol=0.0, rtol=1e-6)

@@ -123,6 +123,9 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
         on_cpu = g.device.type == "cpu"
         if on_cpu:
             _check_finite(lower, g)
+        # Products like J @ J.T are not exactly symmetric in floating point; the factorisations
+        # read one triangle, the products both.
+        g = (g + g.T) / 2
         trace = g.diagonal().sum()
         g = g / torch.where(trace > 0, trace, torch.ones_like(trace))
         problem = _Problem(g, lower)
