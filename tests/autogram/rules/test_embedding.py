@@ -7,9 +7,12 @@ import torch
 from _rule_reference import Use, assert_rule_matches, record_calls, reference_rows
 from torch import nn
 
+import torchjd.autogram._rules._embedding as embedding_module
 from torchjd.autogram._rules import find_rule
 from torchjd.autogram._rules._embedding import (
+    _ELEMENTS_PER_CHUNK,
     EmbeddingRule,
+    _entry_pairs_gramian,
     _ghost_cost,
     _ghost_gramian,
     _lookups,
@@ -135,5 +138,51 @@ def test_pair_form_with_frequent_and_rare_tokens() -> None:
     calls = record_calls(module, [Use((ids,))], 2, generator)
     lookups = _lookups(module, calls, True)
     torch.testing.assert_close(
-        _pairs_gramian(module, lookups), _vocabulary_gramian(module, lookups)
+        _entry_pairs_gramian(module, lookups), _vocabulary_gramian(module, lookups)
     )
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("seeds", [1, 3])
+@pytest.mark.parametrize("padding", [None, 2])
+def test_pair_forms_match_reference(batched: bool, seeds: int, padding: int | None) -> None:
+    """The token-pair form (with tokens found once, repeated within and across samples, over two
+    calls of different lengths) and the entry-pair form against the reference rows."""
+    torch.manual_seed(7)
+    module = nn.Embedding(40, 3, padding_idx=padding).double()
+    generator = torch.Generator().manual_seed(7)
+    uses = [
+        Use((torch.randint(0, 40, (5, 6), generator=generator),)),
+        Use((torch.randint(0, 40, (5, 2), generator=generator),)),
+    ]
+    calls = record_calls(module, uses, seeds, generator)
+    expected = reference_rows(module, calls, ["weight"], batched)
+    flat = expected["weight"].reshape(len(expected["weight"]), -1)
+    lookups = _lookups(module, calls, batched)
+    torch.testing.assert_close(_pairs_gramian(module, lookups), flat @ flat.T)
+    torch.testing.assert_close(_entry_pairs_gramian(module, lookups), flat @ flat.T)
+
+
+def test_pair_form_falls_back_to_entries_when_ids_repeat_a_lot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = nn.Embedding(8, 2).double()
+    generator = torch.Generator().manual_seed(8)
+    calls = record_calls(
+        module, [Use((torch.randint(0, 2, (6, 5), generator=generator),))], 2, generator
+    )
+    lookups = _lookups(module, calls, True)
+    expected = _vocabulary_gramian(module, lookups)
+    calls_to_entries: list[int] = []
+
+    def counting_entries(*args: Any) -> torch.Tensor:
+        calls_to_entries.append(1)
+        return _entry_pairs_gramian(*args)
+
+    monkeypatch.setattr(embedding_module, "_entry_pairs_gramian", counting_entries)
+    monkeypatch.setattr(embedding_module, "_ELEMENTS_PER_CHUNK", 16)
+    torch.testing.assert_close(embedding_module._pairs_gramian(module, lookups), expected)
+    assert calls_to_entries == [1]
+    monkeypatch.setattr(embedding_module, "_ELEMENTS_PER_CHUNK", _ELEMENTS_PER_CHUNK)
+    torch.testing.assert_close(embedding_module._pairs_gramian(module, lookups), expected)
+    assert calls_to_entries == [1]

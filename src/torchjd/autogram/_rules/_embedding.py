@@ -9,10 +9,12 @@ computed without ever forming a ``[B, V, d]`` per-sample gradient, by the cheape
 
 * the *ghost* form: the token-equality mask times the products of output gradients
   (``O(R²·T²·d)``, no host synchronisation), best for short sequences;
-* the *pair* form: one entry per distinct (token, sample), found by sorting, and one product per
-  pair of entries sharing a token (``O(K²·d·Σ_v m_v²)``, ``m_v ≤ B`` the number of samples
-  containing ``v``): it uses the token sparsity and synchronises with the host once (the number
-  of pairs decides the shapes);
+* the *pair* form: one product per pair of tokens of the batch sharing an id (``O(K²·d·Σ_v
+  c_v²)`` over the ids ``v`` found ``c_v ≥ 2`` times; the tokens found once, most of them for a
+  large vocabulary, only pair with themselves, in one reduction), or, when ids repeat a lot, one
+  entry per distinct (token, sample) and one product per pair of entries sharing a token
+  (``O(K²·d·Σ_v m_v²)``, ``m_v ≤ B`` the number of samples containing ``v``): it uses the token
+  sparsity and synchronises with the host once (the number of pairs decides the shapes);
 * the *vocabulary* form: dense per-row gradients ``[R, V, d]`` and their Gram, for vocabularies
   smaller than the batch's tokens (no host synchronisation).
 
@@ -142,7 +144,7 @@ def _vocabulary_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Ten
     return flat @ flat.T
 
 
-def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
+def _entry_pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
     """``Σ_v S_v S_vᵀ`` over the pairs of samples that share a token ``v``.
 
     ``S_v[(k, i)]`` is the gradient that sample ``i`` sends to row ``v`` under seed ``k``: one
@@ -219,6 +221,88 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
         flat = dense[:, :dense_slots].reshape(rows, frequent_count * dim)
         gramian = gramian + flat @ flat.T
     return gramian.view(rows, rows)
+
+
+def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
+    """The pair form: one product per pair of tokens of the batch sharing an id.
+
+    Tokens found once in the batch (most of them, for a large vocabulary) only pair with
+    themselves: their products go onto the Gramian's sample diagonal in one reduction. The
+    repeated ones are sorted by id and each pairs with its group: ``Σ_v c_v²`` products of size
+    ``K²·d`` over the repeated ids ``v`` (``c_v`` occurrences). One host synchronisation (the
+    numbers of repeated tokens and of pairs decide the shapes). When the pairs would not fit one
+    chunk (ids repeated very often, as frequent words in text), the entry form
+    (:func:`_entry_pairs_gramian`) groups a sample's occurrences of an id first and handles frequent
+    ids densely.
+    """
+    seeds, batch, _, dim = lookups[0].grads.shape
+    rows = seeds * batch
+    device = lookups[0].ids.device
+    if len(lookups) == 1:
+        ids = lookups[0].ids.reshape(-1)
+        grads = _weighted_grads(lookups[0]).reshape(seeds, -1, dim)
+    else:
+        ids = torch.cat([lookup.ids.reshape(-1) for lookup in lookups])
+        grads = torch.cat(
+            [_weighted_grads(lookup).reshape(seeds, -1, dim) for lookup in lookups], 1
+        )
+    samples = torch.cat(
+        [
+            torch.arange(batch, device=device).repeat_interleave(lookup.ids.shape[1])
+            for lookup in lookups
+        ]
+    )
+    # `index_add_` rather than `bincount`, which reads the largest id on the host on CUDA.
+    counts = torch.zeros(module.num_embeddings, dtype=torch.long, device=device)
+    counts.index_add_(0, ids, torch.ones_like(ids))
+    if module.padding_idx is not None:
+        counts[module.padding_idx] = 0  # no gradient: kept out of the pairs
+    token_counts = counts.index_select(0, ids)
+    repeated = token_counts > 1
+    # Host synchronisation (one): the numbers of repeated tokens and of pairs decide the shapes.
+    repeated_count, pair_count = (
+        int(value)
+        for value in torch.stack([repeated.sum(), torch.where(repeated, token_counts, 0).sum()])
+    )
+    if pair_count * seeds * dim > _ELEMENTS_PER_CHUNK:
+        return _entry_pairs_gramian(module, lookups)
+    gramian = grads.new_zeros(rows, rows)
+    single = (~repeated).to(grads.dtype)
+    if seeds == 1:
+        own = (grads[0] * grads[0]).sum(-1) * single
+        gramian.diagonal().index_add_(0, samples, own)
+    else:
+        own_products = torch.einsum("kpd,lpd,p->klp", grads, grads, single)
+        sample_diagonals = gramian.view(seeds, batch, seeds, batch).diagonal(dim1=1, dim2=3)
+        sample_diagonals.index_add_(2, samples, own_products)
+    if not repeated_count:
+        return gramian
+    positions = torch.nonzero_static(repeated, size=repeated_count).squeeze(1)
+    sorted_ids, order = torch.sort(ids.index_select(0, positions))
+    positions = positions.index_select(0, order)
+    sizes = counts.index_select(0, sorted_ids)
+    starts = torch.searchsorted(sorted_ids, sorted_ids)
+    first = torch.repeat_interleave(sizes, output_size=pair_count)
+    offsets = torch.arange(pair_count, device=device) - torch.repeat_interleave(
+        sizes.cumsum(0) - sizes, sizes, output_size=pair_count
+    )
+    left = positions.index_select(0, first)
+    right = positions.index_select(0, starts.index_select(0, first) + offsets)
+    left_samples, right_samples = samples.index_select(0, left), samples.index_select(0, right)
+    flat = gramian.view(-1)
+    if seeds == 1:
+        products = (grads[0].index_select(0, left) * grads[0].index_select(0, right)).sum(-1)
+        flat.index_add_(0, left_samples * rows + right_samples, products)
+        return gramian
+    products = torch.einsum(
+        "kpd,lpd->pkl", grads.index_select(1, left), grads.index_select(1, right)
+    )
+    seed_rows = torch.arange(seeds, device=device) * batch
+    left_rows = seed_rows + left_samples.unsqueeze(1)
+    right_rows = seed_rows + right_samples.unsqueeze(1)
+    index = left_rows.unsqueeze(2) * rows + right_rows.unsqueeze(1)
+    flat.index_add_(0, index.flatten(), products.flatten())
+    return gramian
 
 
 def _ghost_cost(lookups: Sequence[_Lookup]) -> int:
