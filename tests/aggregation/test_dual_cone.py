@@ -336,3 +336,32 @@ def test_slightly_asymmetric_gramians() -> None:
     solution = solve_dual_cone_qp(lower, gramian)
     symmetric = ((gramian + gramian.T) / 2).double()
     assert_close(solution, solve_dual_cone_qp(lower.double(), symmetric), atol=0.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_enumeration_agrees_with_pivoting(m: int) -> None:
+    for seed, kind in enumerate(["full", "rank_one", "duplicated", "non_conflicting"]):
+        for reg_eps in (1e-4, 0.0):
+            gramian = _normalized(sample(kind, m, 3, seed=seed), reg_eps)  # type: ignore[arg-type]
+            lower = torch.randn(
+                6, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m)
+            )
+            problem = _Problem(gramian, lower)
+            enumerated = dual_cone._solve_by_enumeration(problem)
+            assert enumerated is not None
+            pivoted = dual_cone._solve_gathered(problem)
+            assert _kkt_violation(gramian, lower, lower + enumerated) <= 1e-12
+            assert _kkt_violation(gramian, lower, lower + pivoted) <= 1e-12
+            if reg_eps > 0:  # The minimiser is unique.
+                assert_close(enumerated, pivoted, atol=1e-14, rtol=1e-10)
+
+
+@pytest.mark.parametrize(("kind", "m", "n", "seed"), [("full", 18, 10, 10), ("full", 39, 12, 40)])
+def test_singular_problems_where_pivoting_stalls(kind: str, m: int, n: int, seed: int) -> None:
+    # Rank-deficient Gramians of conflicting rows, without regularisation: block pivoting cycles
+    # there; the rows switch to the Lawson-Hanson mode, which ends.
+    gramian = _normalized(sample(kind, m, n, seed=seed), reg_eps=0.0)  # type: ignore[arg-type]
+    lower = _upgrad_lower(m, torch.Generator().manual_seed(seed))
+    for solve in (dual_cone._solve_gathered, _solve_masked):
+        solution = lower + solve(_Problem(gramian, lower))
+        assert _kkt_violation(gramian, lower, solution) <= 1e-9

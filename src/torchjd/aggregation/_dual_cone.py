@@ -11,25 +11,35 @@ has a minimiser ``v`` such that ``Jᵀv`` is the projection of ``Jᵀu`` onto th
 ``u = u_i e_i``, DualProj for one ``u``.
 
 Method. With ``x = v − u`` and ``y = G v = G x + G u`` (half the Lagrange multipliers), the
-optimality conditions are the linear complementarity problem ``x ≥ 0, y ≥ 0, x ⊙ y = 0``. It is
-solved by block principal pivoting (Júdice and Pires, 1994; Kim and Park, 2011): guess a free set
-``F`` (the indices where ``x`` may be positive), solve ``G_FF x_F = −(G u)_F`` with ``x = 0`` off
-``F``, then move every index where ``x`` or ``y`` is negative to the other side. When a full
-exchange has not reduced the number of such indices for a few rounds, only the largest one moves
-(Murty's rule), which makes the method finite for a positive definite ``G``. A round where nothing
-moves proves that ``x`` is the minimiser: the KKT conditions hold up to rounding errors, which is
-what the convergence test checks. All the problems share ``G`` and are solved together, each
-keeping its own free set.
+optimality conditions are the linear complementarity problem ``x ≥ 0, y ≥ 0, x ⊙ y = 0``. All the
+problems share ``G`` and are solved together, each with its own free set ``F`` (the indices where
+``x`` may be positive); every round solves ``G_FF x_F = −(G u)_F`` (``x = 0`` off ``F``) for all of
+them at once, and a row is done when its solution satisfies the optimality conditions, up to
+rounding errors (which proves it is the minimiser).
 
-Numerics. The solver works in float64, on ``G`` divided by its trace (the minimiser does not depend
-on the scale of ``G``). The linear systems are factorised with a ridge of ``1e-10`` (relative to the
-trace) on the diagonal and then refined against the exact system, so that a positive definite
-``G`` gets the exact solution and a singular one (a rank-deficient Jacobian with ``reg_eps=0``)
-still gets a minimiser, without the rounding errors that a nearly singular factorisation would
-amplify. On the CPU, the rows still in progress are gathered into systems of the size of
-their free sets, and the loop stops as soon as all rows are done; on other devices, all rows keep
-full-size masked systems (no data-dependent shapes) and one boolean is read back to the host every
-few rounds to know whether to stop: the only host synchronisation of the solver.
+1. Warm start: 20 iterations of over-relaxed ADMM (the splitting of OSQP) on all the problems at
+   once, each one matrix product, guess the first free sets.
+2. Block principal pivoting (Júdice and Pires, 1994; Kim and Park, 2011): move every index on the
+   wrong side (``x < 0`` in ``F``, ``y < 0`` off ``F``) to the other side. It usually ends in one
+   to three rounds after the warm start.
+3. A row whose pivoting stalls (Júdice and Pires's counting rule) or that cannot be solved exactly
+   on its free set (a singular or badly conditioned ``G``) switches to the active-set method of
+   Lawson and Hanson (for non-negative least squares, in Gram form): finite and robust to rank
+   deficiency, but one index per round.
+
+Numerics. The solver works in float64, on the symmetric part of ``G`` divided by its trace (the
+minimiser does not depend on the scale of ``G``). The systems are factorised with a ridge of
+``1e-10`` (relative to the trace) and the solutions refined against the exact systems: the ridged
+solutions, which solve the problem regularised by ``δ ‖v − u‖²`` (a P-matrix problem even for a
+singular ``G``), drive the pivoting; the refined ones are tested. So a positive definite ``G`` gets
+the exact solution, and a singular one (a rank-deficient Jacobian with ``reg_eps=0``) a minimiser.
+
+Devices. On the CPU, problems with ``m ≤ 5`` try all ``2^m`` free sets at once; otherwise the rows
+still in progress are gathered into systems of the size of their free sets (in batches of rows of
+similar sizes that fit in the cache) and the loop stops as soon as all are done, with a few host
+reads per round (free on the CPU). On other devices, every row keeps a full-size system masked to
+its free set (no data-dependent shape), solved rows are frozen, and one boolean is read back to the
+host every ``_ROUNDS_PER_CHECK`` rounds to know whether to stop: the only host synchronisation.
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ _MASKED_CHUNK_ELEMENTS = 2**25
 # Iterations and over-relaxation of the ADMM that guesses the first free sets.
 _WARM_START_ITERATIONS = 20
 _RELAXATION = 1.6
+# Up to this size, the CPU path tries all the 2^m free sets at once (fewer operations than rounds).
+_ENUMERATION_MAX_SIZE = 5
 # Rounds of the masked solver between two host reads of the convergence flag.
 _ROUNDS_PER_CHECK = 8
 
@@ -129,7 +141,11 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
         trace = g.diagonal().sum()
         g = g / torch.where(trace > 0, trace, torch.ones_like(trace))
         problem = _Problem(g, lower)
-        offsets = _solve_gathered(problem) if on_cpu else _solve_masked(problem)
+        offsets = None
+        if on_cpu and m <= _ENUMERATION_MAX_SIZE:
+            offsets = _solve_by_enumeration(problem)
+        if offsets is None:
+            offsets = _solve_gathered(problem) if on_cpu else _solve_masked(problem)
         return (lower + offsets).reshape(weights.shape).to(weights.dtype)
 
 
@@ -147,10 +163,10 @@ def _check_shapes(weights: Tensor, gramian: Tensor) -> None:
 
 
 def _check_finite(lower: Tensor, gramian: Tensor) -> None:
-    if not bool(torch.isfinite(gramian).all()):
-        raise ValueError("Parameter `gramian` should have finite entries only.")
-    if not bool(torch.isfinite(lower).all()):
-        raise ValueError("Parameter `weights` should have finite entries only.")
+    if bool(torch.isfinite(gramian).all() & torch.isfinite(lower).all()):
+        return
+    name = "gramian" if not bool(torch.isfinite(gramian).all()) else "weights"
+    raise ValueError(f"Parameter `{name}` should have finite entries only.")
 
 
 class _Problem:
@@ -223,11 +239,22 @@ class _Rows:
             setattr(self, name, getattr(self, name)[mask])
 
     def assess(self, problem: _Problem) -> tuple[Tensor, Tensor]:
-        """Return the mask of the indices on the wrong side for the regularised problem, and, per
-        row, whether the row is solved (the exact problem's conditions hold)."""
-        wrong, _ = self._violations(problem, self.regularized_offsets, self.regularized_products)
-        wrong_exact, unbalanced = self._violations(problem, self.offsets, self.products)
-        return wrong, ~(wrong_exact | unbalanced).any(dim=1)
+        """Return the mask of the indices on the wrong side (``x < 0`` in ``F`` or ``y < 0`` off
+        ``F``, beyond rounding errors) for the regularised problem, and, per row, whether the row
+        is solved: nothing on the wrong side and ``y_F = 0`` for the exact problem."""
+        offset_tolerance, product_tolerance = self._tolerances(problem, self.offsets)
+        free = self.free
+        wrong = torch.where(
+            free,
+            self.regularized_offsets < -offset_tolerance,
+            self.regularized_products < -product_tolerance,
+        )
+        failed = torch.where(
+            free,
+            (self.offsets < -offset_tolerance) | (self.products.abs() > product_tolerance),
+            self.products < -product_tolerance,
+        )
+        return wrong, ~failed.any(dim=1)
 
     def _tolerances(self, problem: _Problem, offsets: Tensor) -> tuple[Tensor, Tensor]:
         """Per entry, the rounding-level tolerances on ``x`` and on ``y = G v``."""
@@ -235,18 +262,10 @@ class _Rows:
         scale = problem.unit_error * (absolute @ problem.root_diagonal).unsqueeze(1)
         return scale / problem.floored_root_diagonal, scale * problem.root_diagonal
 
-    def _violations(
-        self, problem: _Problem, offsets: Tensor, products: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``x < 0`` in ``F`` or ``y < 0`` off ``F``; and ``y ≠ 0`` in ``F``; up to rounding."""
-        offset_tolerance, product_tolerance = self._tolerances(problem, offsets)
-        wrong = torch.where(self.free, offsets < -offset_tolerance, products < -product_tolerance)
-        unbalanced = self.free & (products.abs() > product_tolerance)
-        return wrong, unbalanced
-
-    def pivot(self, problem: _Problem, wrong: Tensor, first: bool) -> None:
+    def pivot(self, problem: _Problem, wrong: Tensor, first: bool, careful_rows: bool) -> None:
         """Choose the next free sets (of the unsolved rows): the warm start's guess in the first
-        round, else one step of the row's mode."""
+        round, else one step of the row's mode. ``careful_rows=False`` (the caller knows that no
+        row is, or is about to be, in the careful mode) skips the computations of that mode."""
         self.previous_free = self.free
         if first:
             self.free = _warm_start(problem, self.lower)
@@ -261,6 +280,9 @@ class _Rows:
         self.best = torch.where(improved, count, self.best)
         self.patience = torch.where(improved, _PATIENCE, self.patience - 1)
         fast_free = self.free ^ wrong
+        if not careful_rows:
+            self.free = fast_free
+            return
         # Careful mode, entered from the current solution's feasible part.
         point, careful_free = self._lawson_hanson_step(problem)
         entering = switching.unsqueeze(1)
@@ -296,6 +318,12 @@ class _Rows:
             torch.where(any_blocked, moved, accepted),
             torch.where(any_blocked, moved_free, free | entering),
         )
+
+    def needs_care(self, wrong: Tensor) -> bool:
+        """Whether a row is, or may enter, the careful mode in this round (a host read)."""
+        count = wrong.sum(dim=1)
+        stalled = (count >= self.best) & (self.patience <= 0)
+        return bool((self.careful | (count == 0) | stalled).any())
 
     def refinement_start(self) -> Tensor:
         """Where the refinement starts: the current exact solution for the rows whose free set
@@ -343,6 +371,39 @@ def _warm_start(problem: _Problem, lower: Tensor) -> Tensor:
     return z > lower
 
 
+def _solve_by_enumeration(problem: _Problem) -> Tensor | None:
+    """For small ``m``: solve every problem on each of the ``2^m`` free sets at once (one
+    factorisation per free set, shared by the rows) and keep, per row, the first solution that
+    satisfies the optimality conditions; ``None`` if a row has none (left to the general path)."""
+    gramian, lower, linear = problem.gramian, problem.lower, problem.linear
+    m = gramian.shape[0]
+    subsets = (torch.arange(2**m).unsqueeze(1) >> torch.arange(m)) & 1 == 1
+    systems = torch.where(subsets.unsqueeze(2) & subsets.unsqueeze(1), gramian, 0.0)
+    systems.diagonal(dim1=1, dim2=2).add_((~subsets).to(gramian.dtype))
+    free = subsets.unsqueeze(2)
+    rhs = torch.where(free, -linear.T, 0.0)
+    _, offsets = _refined_solve(
+        systems.unsqueeze(1),
+        (problem.ridge * subsets.to(gramian.dtype)).unsqueeze(1),
+        rhs.mT,
+        torch.full_like(rhs.mT, math.nan),
+    )
+    offsets = offsets.mT  # [2^m, m, b]
+    products = gramian @ offsets + linear.T
+    scale = problem.unit_error * (problem.root_diagonal @ (offsets.abs() + lower.abs().T))
+    offset_tolerance = scale.unsqueeze(1) / problem.floored_root_diagonal.unsqueeze(1)
+    product_tolerance = scale.unsqueeze(1) * problem.root_diagonal.unsqueeze(1)
+    optimal = torch.where(
+        free,
+        (offsets >= -offset_tolerance) & (products.abs() <= product_tolerance),
+        products >= -product_tolerance,
+    ).all(dim=1)
+    if not bool(optimal.any(dim=0).all()):
+        return None
+    first = optimal.to(torch.uint8).argmax(dim=0)
+    return offsets[first, :, torch.arange(lower.shape[0])].clamp_min(0.0)
+
+
 def _solve_gathered(problem: _Problem) -> Tensor:
     """CPU path: only the unsolved rows are kept, and the system of each is gathered to the size
     of its free set, in batches of rows with similar sizes that fit in the cache."""
@@ -360,7 +421,8 @@ def _solve_gathered(problem: _Problem) -> Tensor:
             unsolved = ~solved
             indices, wrong = indices[unsolved], wrong[unsolved]
             rows.keep(unsolved)
-        rows.pivot(problem, wrong, first=round_ == 0)
+        first = round_ == 0
+        rows.pivot(problem, wrong, first, careful_rows=not first and rows.needs_care(wrong))
         regularized, refined = _gathered_free_solve(
             padded_gramian,
             problem.ridge,
@@ -480,7 +542,7 @@ def _solve_masked(problem: _Problem) -> Tensor:
                 )
         frozen = done.unsqueeze(1)
         previous = (rows.free, rows.best, rows.patience, rows.careful, rows.point)
-        rows.pivot(problem, wrong, first=round_ == 0)
+        rows.pivot(problem, wrong, first=round_ == 0, careful_rows=True)
         rows.free = torch.where(frozen, previous[0], rows.free)
         rows.best = torch.where(done, previous[1], rows.best)
         rows.patience = torch.where(done, previous[2], rows.patience)

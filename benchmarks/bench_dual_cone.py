@@ -1,0 +1,126 @@
+"""Time and accuracy of the dual-cone projections of ``UPGradWeighting``.
+
+For ``m`` in 2, 8, 32, 128, 512, on the float64 Gramian of a random ``m x 2m`` Jacobian of full
+rank and of rank ``max(1, m // 4)``, with 2 threads:
+
+- ``ours_ms``: median time of ``UPGradWeighting()(G)`` (the default solver, ``"active_set"``);
+- ``quadprog_ms``: median time of ``UPGradWeighting(solver="quadprog")(G)``, the method of
+  torchjd 0.8.0 (one QP per row), when quadprog is installed; at ``m = 512`` it would take minutes,
+  so it is estimated from ``_QUADPROG_SAMPLE`` rows (``quadprog_estimated``);
+- ``speedup``: ``quadprog_ms / ours_ms``;
+- ``max_rel_error``: largest difference between the projections of the two solvers (all rows, or
+  the sampled ones), relative to the largest entry;
+- ``max_kkt``: largest violation of the optimality conditions by our projections, relative to the
+  natural scale of each condition (see :func:`_kkt_violation`).
+
+Run alone with ``python -m benchmarks.bench_dual_cone``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from benchmarks._measure import format_table, median_seconds, set_threads
+from torchjd.aggregation import UPGradWeighting
+from torchjd.aggregation._dual_cone import solve_dual_cone_qp
+from torchjd.aggregation._utils import normalize, regularize
+
+_SIZES = (2, 8, 32, 128, 512)
+_QUADPROG_SAMPLE = 16
+_FULL_QUADPROG_LIMIT = 128
+_COLUMNS = (
+    "m",
+    "rank",
+    "ours_ms",
+    "quadprog_ms",
+    "quadprog_estimated",
+    "speedup",
+    "max_rel_error",
+    "max_kkt",
+)
+
+
+def _gramian(m: int, rank: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.randn(m, rank, generator=generator, dtype=torch.float64)
+    right = torch.randn(rank, 2 * m, generator=generator, dtype=torch.float64)
+    jacobian = left @ right
+    return jacobian @ jacobian.T
+
+
+def _kkt_violation(gramian: Tensor, lower: Tensor, solution: Tensor) -> float:
+    """Largest relative violation of: ``v ≥ u``; ``G v ≥ 0``; ``G v = 0`` where ``v > u``."""
+    products = solution @ gramian
+    magnitudes = solution.abs() + lower.abs()
+    product_scale = (magnitudes @ gramian.abs()).amax(dim=1, keepdim=True).clamp_min(1e-300)
+    gap_scale = magnitudes.amax(dim=1, keepdim=True).clamp_min(1e-300)
+    gap = solution - lower
+    violations = [
+        (-gap / gap_scale).clamp_min(0.0).max(),
+        (-products / product_scale).clamp_min(0.0).max(),
+        torch.minimum(gap / gap_scale, products.abs() / product_scale).max(),
+    ]
+    return max(violation.item() for violation in violations)
+
+
+def _quadprog_rows(gramian: Tensor, lower: Tensor) -> Tensor:
+    from torchjd.aggregation._dual_cone_quadprog import project_weights_quadprog
+
+    return project_weights_quadprog(lower, gramian)
+
+
+def _row(m: int, rank: int, has_quadprog: bool) -> dict[str, Any]:
+    gramian = _gramian(m, rank, seed=m + rank)
+    repeats = 3 if m >= 512 else 10
+    ours = median_seconds(lambda: UPGradWeighting()(gramian), repeats=repeats, warmup=1)
+    # The problems UPGradWeighting solves: u_i e_i against the normalised, regularised Gramian.
+    weights = torch.full((m,), 1 / m, dtype=torch.float64)
+    lower = torch.diag(weights)
+    regularized = regularize(normalize(gramian, 0.0001), 0.0001)
+    solution = solve_dual_cone_qp(lower, regularized)
+    row: dict[str, Any] = {
+        "m": m,
+        "rank": rank,
+        "ours_ms": ours * 1e3,
+        "max_kkt": _kkt_violation(regularized, lower, solution),
+    }
+    if not has_quadprog:
+        return row
+    if m <= _FULL_QUADPROG_LIMIT:
+        quadprog = median_seconds(
+            lambda: UPGradWeighting(solver="quadprog")(gramian), repeats=3, warmup=1
+        )
+        reference, sampled = _quadprog_rows(regularized, lower), slice(None)
+        row["quadprog_estimated"] = False
+    else:
+        sampled = slice(0, m, m // _QUADPROG_SAMPLE)
+        start = time.perf_counter()
+        reference = _quadprog_rows(regularized, lower[sampled])
+        quadprog = (time.perf_counter() - start) * m / reference.shape[0]
+        row["quadprog_estimated"] = True
+    error = (solution[sampled] - reference).abs().max() / reference.abs().max()
+    row.update(quadprog_ms=quadprog * 1e3, speedup=quadprog / ours, max_rel_error=error.item())
+    return row
+
+
+def run() -> list[dict[str, Any]]:
+    set_threads(2)
+    has_quadprog = importlib.util.find_spec("quadprog") is not None
+    rows = [
+        _row(m, rank, has_quadprog)
+        for m in _SIZES
+        for rank in sorted({m, max(1, m // 4)}, reverse=True)
+    ]
+    print(format_table(rows, _COLUMNS))
+    if not has_quadprog:
+        print('quadprog is not installed (pip install "torchjd[quadprog]"): no comparison.')
+    return rows
+
+
+if __name__ == "__main__":
+    run()
