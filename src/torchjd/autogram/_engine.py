@@ -589,6 +589,7 @@ def _targets(records: Sequence[Record]) -> list[_Target]:
             entry_nodes.add(edge.node)
             targets.append((record, index, edge, from_base))
         record.entry_nodes = frozenset(entry_nodes)
+        record.release_views()
     return targets
 
 

@@ -76,14 +76,35 @@ class Record:
         of the output: rules only read these (and never the values of the outputs).
         """
         outputs = []
-        for index, (shape, dtype, _, requires_grad) in enumerate(self.output_specs):
+        for index in range(len(self.output_specs)):
             tensor = self.output(index)
-            if tensor is None:
-                tensor = torch.empty(shape, dtype=dtype, device="meta")
-                if requires_grad:
-                    tensor.requires_grad_()
-            outputs.append(tensor)
+            outputs.append(_stand_in(self.output_specs[index]) if tensor is None else tensor)
         self.call.outputs = tuple(outputs)
+
+    def release_views(self) -> None:
+        """Hold the view outputs weakly too, and give the call stand-ins for them.
+
+        Called once the engine has read their version counters (the reason why they were held):
+        a view keeps its base's memory alive (e.g. the output of ``F.linear`` on a 3-d input),
+        which, for a layer whose output nothing else saves, would stay allocated until the step
+        ends instead of being freed with the graph.
+        """
+        held = [isinstance(ref, Tensor) for ref in self.output_refs]
+        if not any(held):
+            return
+        self.output_refs = tuple(
+            weakref.ref(ref) if isinstance(ref, Tensor) else ref for ref in self.output_refs
+        )
+        self.call.outputs = tuple(
+            _stand_in(spec) if was_held else output
+            for was_held, output, spec in zip(held, self.call.outputs, self.output_specs)
+        )
+
+
+def _stand_in(spec: tuple[torch.Size, torch.dtype, torch.device, bool]) -> Tensor:
+    shape, dtype, _, requires_grad = spec
+    tensor = torch.empty(shape, dtype=dtype, device="meta")
+    return tensor.requires_grad_() if requires_grad else tensor
 
 
 class Recorder:

@@ -143,9 +143,28 @@ def weight_gramian(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
         raise ValueError("Expected at least one sequence term; found none.")
     if ghost_cost(terms, batched) < per_sample_cost(terms, batched):
         return ghost_gramian(terms, batched)
-    rows = weight_per_sample(terms, batched)
-    flat = rows.reshape(rows.shape[0], -1)
-    return flat @ flat.T
+    # The rows are only needed for their Gram: materialised a block of output features at a time
+    # (the Gram sums over the blocks), no block larger than the largest input, so that the
+    # per-sample form holds no more than the layer's own tensors (e.g. attention's stacked q, k, v
+    # projections: [B, 3E, E] rows at once would be 3× their input).
+    seeds, batch, groups, width = terms[0].grads.shape[:4]
+    rows_count = seeds * batch if batched else seeds
+    per_feature = rows_count * groups * terms[0].inputs.shape[2]
+    budget = max(term.inputs.numel() for term in terms)
+    block = max(1, min(width, budget // per_feature))
+    gramian: Tensor | None = None
+    for start in range(0, width, block):
+        block_terms = [
+            SequenceTerm(term.inputs, term.grads[:, :, :, start : start + block]) for term in terms
+        ]
+        rows = weight_per_sample(block_terms, batched)
+        flat = rows.reshape(rows.shape[0], -1)
+        if gramian is None:
+            gramian = flat @ flat.T
+        else:
+            gramian.addmm_(flat, flat.T)
+    assert gramian is not None
+    return gramian
 
 
 def ghost_gramian(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
