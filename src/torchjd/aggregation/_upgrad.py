@@ -33,7 +33,10 @@ class UPGradWeighting(Weighting[PSDMatrix]):
     rows, which conflicts with none of them. When ``trace(G) < norm_eps``, the weights are the
     non-negative part of ``u``.
 
-    The weights are constants with respect to ``G`` (no gradient flows back).
+    The weights are constants with respect to ``G`` (no gradient flows back). With the default
+    solver they are computed on ``G``'s device, in float64; on accelerators, the solver reads one
+    boolean back to the host at a few rounds (typically two or three times per call) to know
+    when to stop.
 
     :param pref_vector: The preference weights ``u``; ``None`` means ``1/m`` each.
     :param norm_eps: Gramians with a trace below this are treated as zero.
