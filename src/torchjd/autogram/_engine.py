@@ -390,9 +390,10 @@ class Engine:
                         shared_rows[id(param)] = (param, row)
             if module_steps:
                 steps.modules.append((calls, module_steps))
-            else:
-                # What the calls of a module hold is needed by its own blocks only.
-                _release(calls)
+            # What the calls of a module hold is needed by its own blocks only; the functions of
+            # the fused step hold what they need (rows, for some rules, are smaller than the
+            # inputs and output gradients, which can then be freed before the weights are known).
+            _release(calls)
         for param, summed_rows in shared_rows.values():
             flat = summed_rows.reshape(num_rows, -1)
             gramian = flat @ flat.T if gramian is None else gramian.addmm_(flat, flat.T)

@@ -128,11 +128,17 @@ def test_covers_out_proj_parameters() -> None:
     assert covered["out_proj.weight"] is module.out_proj.weight
 
 
-def test_float32_self_attention_with_the_ghost_form(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("form", ["ghost", "per_sample"])
+def test_float32_self_attention_with_each_form(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each form, also for the stacked q, k, v projections of self-attention (the per-sample
+    form sums the projections' Grams, the ghost form concatenates their gradients)."""
     import torchjd.autogram._rules._attention as attention
-    from torchjd.autogram._rules._ghost import ghost_gramian
+    from torchjd.autogram._rules._ghost import ghost_gramian, per_sample_gramian
 
-    monkeypatch.setattr(attention, "weight_gramian", ghost_gramian)
+    ghost = form == "ghost"
+    monkeypatch.setattr(attention, "weight_gramian", ghost_gramian if ghost else per_sample_gramian)
+    monkeypatch.setattr(attention, "ghost_cost", lambda terms, batched: 0 if ghost else 1)
+    monkeypatch.setattr(attention, "per_sample_cost", lambda terms, batched: 1 if ghost else 0)
     torch.manual_seed(0)
     module = nn.MultiheadAttention(8, 2, batch_first=True)
     generator = torch.Generator().manual_seed(2)

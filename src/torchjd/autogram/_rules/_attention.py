@@ -39,7 +39,16 @@ from ._common import (
     tensor_outputs,
 )
 from ._fallback import recorded_rows, recorded_weighted_gradients
-from ._ghost import SequenceTerm, bias_per_sample, weight_gramian, weight_per_sample
+from ._ghost import (
+    SequenceTerm,
+    bias_per_sample,
+    ghost_cost,
+    ghost_gramian,
+    per_sample_cost,
+    per_sample_gramian,
+    weight_gramian,
+    weight_per_sample,
+)
 from ._registry import register_rule
 
 _PROJECTIONS = ("q", "k", "v")
@@ -55,9 +64,6 @@ class _AttentionUse:
     output_grads: Tensor | None  # gradients of y, [K, B, L, E]
     bias_kv_grads: dict[str, Tensor]  # "bias_k", "bias_v": [K, B, 1, E]
     same_inputs: tuple[bool, bool]  # (query is key, key is value)
-    # Self-attention with `in_proj_weight`: the gradients of the stacked projection [K, B, L, 3E],
-    # of which `input_grads`' entries are views (one tensor, never concatenated again).
-    stacked_grads: Tensor | None = None
 
 
 def _canonical(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -165,26 +171,14 @@ def _use_of(module: nn.MultiheadAttention, call: Call, batched: bool) -> _Attent
         if module.in_proj_bias is not None
         else dict.fromkeys(_PROJECTIONS)
     )
-    # Self-attention: q, k, v are views of one projection, a single leaf whose gradient comes out
-    # stacked (no copy to stack it again for the Gramian of `in_proj_weight`).
-    stack = same_inputs == (True, True) and module.in_proj_weight is not None
     with torch.enable_grad():
         # Leaves: the backward below stops at q, k, v and never enters the caller's graph.
-        stacked: Tensor | None = None
-        if stack:
-            assert module.in_proj_weight is not None
-            bias = None if module.in_proj_bias is None else module.in_proj_bias.detach()
-            stacked = F.linear(
-                query.detach(), module.in_proj_weight.detach(), bias
+        projected = {
+            name: F.linear(
+                inputs[name].detach(), weights[name].detach(), biases[name]
             ).requires_grad_()
-            projected = dict(zip(_PROJECTIONS, stacked.chunk(3, dim=-1)))
-        else:
-            projected = {
-                name: F.linear(
-                    inputs[name].detach(), weights[name].detach(), biases[name]
-                ).requires_grad_()
-                for name in _PROJECTIONS
-            }
+            for name in _PROJECTIONS
+        }
         bias_kv: dict[str, Tensor] = {}
         if module.bias_k is not None and module.bias_v is not None:
             # One copy per sample, so that their gradients stay per sample.
@@ -207,8 +201,7 @@ def _use_of(module: nn.MultiheadAttention, call: Call, batched: bool) -> _Attent
         if weights_grads is not None and attention_weights is not None:
             targets.append(attention_weights)
             target_grads.append(weights_grads)
-        projection_sources = [stacked] if stacked is not None else list(projected.values())
-        sources = projection_sources + list(bias_kv.values())
+        sources = [projected[name] for name in _PROJECTIONS] + list(bias_kv.values())
         seeds = target_grads[0].shape[0]
         per_seed = [
             torch.autograd.grad(
@@ -225,22 +218,13 @@ def _use_of(module: nn.MultiheadAttention, call: Call, batched: bool) -> _Attent
     source_grads = [
         column[0].unsqueeze(0) if seeds == 1 else torch.stack(column) for column in zip(*per_seed)
     ]
-    stacked_grads = source_grads.pop(0) if stacked is not None else None
-    input_grads = (
-        dict(zip(_PROJECTIONS, stacked_grads.chunk(3, dim=-1)))
-        if stacked_grads is not None
-        else dict(zip(_PROJECTIONS, source_grads[:3]))
-    )
     return _AttentionUse(
         inputs=inputs,
-        input_grads=input_grads,
+        input_grads=dict(zip(_PROJECTIONS, source_grads[:3])),
         attended=attended.detach() if output_grads is not None else None,
         output_grads=output_grads,
-        bias_kv_grads=dict(
-            zip(bias_kv, source_grads[len(input_grads) if stacked is None else 0 :])
-        ),
+        bias_kv_grads=dict(zip(bias_kv, source_grads[3:])),
         same_inputs=same_inputs,
-        stacked_grads=stacked_grads,
     )
 
 
@@ -263,10 +247,7 @@ def _projection_terms(uses: Sequence[_AttentionUse], names: Sequence[str]) -> li
     terms = []
     for use in uses:
         grads = [use.input_grads[name] for name in names]
-        if tuple(names) == _PROJECTIONS and use.stacked_grads is not None:
-            stacked = use.stacked_grads
-        else:
-            stacked = grads[0] if len(grads) == 1 else torch.cat(grads, dim=-1)
+        stacked = grads[0] if len(grads) == 1 else torch.cat(grads, dim=-1)
         terms.append(_term(use.inputs[names[0]], stacked))
     return terms
 
@@ -278,6 +259,31 @@ def _groups_sharing_inputs(uses: Sequence[_AttentionUse]) -> list[tuple[str, ...
     if all(use.same_inputs[1] for use in uses):
         return [("q",), ("k", "v")]
     return [("q",), ("k",), ("v",)]
+
+
+def _group_gramian(uses: Sequence[_AttentionUse], names: Sequence[str], batched: bool) -> Tensor:
+    """The Gramian of the projections ``names`` reading the same input.
+
+    Their weights are stacked rows of one matrix: the ghost form concatenates their gradients
+    (the products of the inputs are shared); the per-sample form needs no copy, the Gram of
+    rows concatenated along the output features being the sum of the projections' Grams.
+    """
+    if len(names) == 1:
+        return weight_gramian(_projection_terms(uses, names), batched)
+    # Shapes only, for the costs: zero-stride expansions of the stacked gradients (no memory).
+    stacked_shapes = [
+        SequenceTerm(
+            term.inputs,
+            term.grads.new_empty(()).expand(
+                *term.grads.shape[:3], term.grads.shape[3] * len(names), term.grads.shape[4]
+            ),
+        )
+        for term in _projection_terms(uses, names[:1])
+    ]
+    if ghost_cost(stacked_shapes, batched) < per_sample_cost(stacked_shapes, batched):
+        return ghost_gramian(_projection_terms(uses, names), batched)
+    parts = [per_sample_gramian(_projection_terms(uses, (name,)), batched) for name in names]
+    return sum(parts[1:], parts[0])
 
 
 def _out_terms(uses: Sequence[_AttentionUse]) -> list[SequenceTerm]:
@@ -426,7 +432,7 @@ def _gramian_from_uses(
     for name in params:
         if name == "in_proj_weight":
             for group in _groups_sharing_inputs(uses):
-                parts.append(weight_gramian(_projection_terms(uses, group), batched))
+                parts.append(_group_gramian(uses, group, batched))
         elif name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
             parts.append(weight_gramian(_projection_terms(uses, (name[0],)), batched))
         elif name == "out_proj.weight":
@@ -465,20 +471,13 @@ def _combined_use(use: _AttentionUse, weights: Tensor, batched: bool) -> _Attent
             return combine_per_sample(grads, weights_.view(grads.shape[0], -1)).unsqueeze(0)
         return torch.tensordot(weights_, grads, dims=1).unsqueeze(0)
 
-    stacked_grads = None if use.stacked_grads is None else combine(use.stacked_grads)
-    input_grads = (
-        dict(zip(_PROJECTIONS, stacked_grads.chunk(3, dim=-1)))
-        if stacked_grads is not None
-        else {name: combine(grads) for name, grads in use.input_grads.items()}
-    )
     return _AttentionUse(
         inputs=use.inputs,
-        input_grads=input_grads,
+        input_grads={name: combine(grads) for name, grads in use.input_grads.items()},
         attended=use.attended,
         output_grads=None if use.output_grads is None else combine(use.output_grads),
         bias_kv_grads={name: combine(grads) for name, grads in use.bias_kv_grads.items()},
         same_inputs=use.same_inputs,
-        stacked_grads=stacked_grads,
     )
 
 

@@ -143,6 +143,13 @@ def weight_gramian(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
         raise ValueError("Expected at least one sequence term; found none.")
     if ghost_cost(terms, batched) < per_sample_cost(terms, batched):
         return ghost_gramian(terms, batched)
+    return per_sample_gramian(terms, batched)
+
+
+def per_sample_gramian(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
+    """The ``[R, R]`` Gramian of the weight rows by the per-sample form."""
+    if not terms:
+        raise ValueError("Expected at least one sequence term; found none.")
     # The rows are only needed for their Gram: materialised a block of output features at a time
     # (the Gram sums over the blocks), no block larger than the largest input, so that the
     # per-sample form holds no more than the layer's own tensors (e.g. attention's stacked q, k, v
