@@ -365,3 +365,26 @@ def test_singular_problems_where_pivoting_stalls(kind: str, m: int, n: int, seed
     for solve in (dual_cone._solve_gathered, _solve_masked):
         solution = lower + solve(_Problem(gramian, lower))
         assert _kkt_violation(gramian, lower, solution) <= 1e-9
+
+
+def test_gramians_rounded_to_low_precision() -> None:
+    # A rank-deficient Gramian rounded to bfloat16 has slightly negative eigenvalues: they are
+    # taken for rounding errors and clipped (the solution is then that of the clipped Gramian).
+    matrix = sample_matrix(6, 3, seed=0)
+    rounded = (matrix @ matrix.T).to(torch.bfloat16).double()
+    assert torch.linalg.eigvalsh(rounded).min() < 0
+    lower = _upgrad_lower(6, torch.Generator().manual_seed(0))
+    solution = solve_dual_cone_qp(lower, rounded)
+    clipped = dual_cone._positive_semi_definite_part(rounded / rounded.trace())
+    assert torch.linalg.eigvalsh(clipped).min() > -1e-15
+    assert _kkt_violation(clipped, lower, solution) <= 1e-9
+    with pytest.raises(dual_cone._IndefiniteGramianError):
+        _solve_masked(_Problem(rounded / rounded.trace(), lower))
+    masked = lower + _solve_masked(_Problem(clipped, lower))
+    assert_close(masked, solution, atol=1e-12, rtol=1e-9)
+
+
+def test_clearly_indefinite_gramians_are_rejected() -> None:
+    gramian = torch.diag(torch.tensor([1.0, 1.0, -0.1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        solve_dual_cone_qp(torch.eye(3, dtype=torch.float64), gramian)

@@ -63,6 +63,9 @@ _REFINEMENTS = 2
 _MAX_REFINEMENTS = 30
 # Sign tests accept errors of up to this many times `m * ε` times the natural scale.
 _TOLERANCE = 4.0
+# Gramians with negative eigenvalues down to this (relative to the trace) are taken for rounding
+# errors (a Gramian computed in low precision) and clipped; below, they are an error.
+_INDEFINITE_TOLERANCE = 1e-2
 # Rounds of full exchange allowed without progress before switching to the careful mode.
 _PATIENCE = 3
 # Most elements in one batch of gathered systems (CPU): 4 MiB in float64, about the L2 cache size.
@@ -140,12 +143,38 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
         trace = g.diagonal().sum()
         g = g / torch.where(trace > 0, trace, torch.ones_like(trace))
         problem = _Problem(g, lower)
-        offsets = None
-        if on_cpu and m <= _ENUMERATION_MAX_SIZE:
-            offsets = _solve_by_enumeration(problem)
-        if offsets is None:
-            offsets = _solve_gathered(problem) if on_cpu else _solve_masked(problem)
+        if on_cpu:
+            if bool(problem.indefinite):
+                problem = _Problem(_positive_semi_definite_part(g), lower)
+            offsets = _solve_by_enumeration(problem) if m <= _ENUMERATION_MAX_SIZE else None
+            if offsets is None:
+                offsets = _solve_gathered(problem)
+        else:
+            try:
+                offsets = _solve_masked(problem)
+            except _IndefiniteGramianError:
+                offsets = _solve_masked(_Problem(_positive_semi_definite_part(g), lower))
         return (lower + offsets).reshape(weights.shape).to(weights.dtype)
+
+
+class _IndefiniteGramianError(Exception):
+    """Raised by the masked solver when the Gramian is found not to be positive semi-definite."""
+
+
+def _positive_semi_definite_part(gramian: Tensor) -> Tensor:
+    """Return the trace-normalised ``gramian`` with its negative eigenvalues replaced by zero, if
+    they are the rounding errors of a Gramian computed in low precision (down to
+    ``−_INDEFINITE_TOLERANCE`` times the trace); else raise a ``ValueError``."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gramian)
+    if bool(eigenvalues.min() < -_INDEFINITE_TOLERANCE * gramian.diagonal().sum().abs()):
+        raise ValueError(
+            "Parameter `gramian` should be positive semi-definite, but it has an eigenvalue of "
+            f"{eigenvalues.min().item():.3g} times its trace."
+        )
+    part = (eigenvectors * eigenvalues.clamp_min(0.0)) @ eigenvectors.T
+    part = (part + part.T) / 2
+    trace = part.diagonal().sum()
+    return part / torch.where(trace > 0, trace, torch.ones_like(trace))
 
 
 def _check_shapes(weights: Tensor, gramian: Tensor) -> None:
@@ -183,6 +212,10 @@ class _Problem:
         self.root_diagonal = gramian.diagonal().clamp_min(0.0).sqrt()
         self.floored_root_diagonal = self.root_diagonal.clamp_min(math.sqrt(self.ridge))
         self.unit_error = _TOLERANCE * max(m, 1) * eps
+        # Used by the warm start, and to find Gramians that are not positive semi-definite.
+        identity = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
+        self.factor, info = torch.linalg.cholesky_ex(gramian + self.ridge * identity)
+        self.indefinite = info > 0
 
 
 class _Rows:
@@ -353,10 +386,9 @@ def _warm_start(problem: _Problem, lower: Tensor) -> Tensor:
     gramian = problem.gramian
     m = gramian.shape[0]
     identity = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
-    factor, info = torch.linalg.cholesky_ex(gramian + problem.ridge * identity)
-    geometric_mean = torch.exp(2.0 * factor.diagonal().log().mean())
+    geometric_mean = torch.exp(2.0 * problem.factor.diagonal().log().mean())
     fallback = gramian.diagonal().mean().clamp_min(problem.ridge)
-    usable = (info == 0) & torch.isfinite(geometric_mean) & (geometric_mean > 0)
+    usable = ~problem.indefinite & torch.isfinite(geometric_mean) & (geometric_mean > 0)
     rho = 2.0 * torch.where(usable, geometric_mean, fallback)
     system_factor = torch.linalg.cholesky_ex(2.0 * gramian + rho * identity)[0]
     step = torch.cholesky_inverse(system_factor) * rho
@@ -534,14 +566,15 @@ def _solve_masked(problem: _Problem) -> Tensor:
         wrong, solved = rows.assess(problem)
         done = done | solved
         if round_ & (round_ - 1) == 0 and round_ != 1:
-            finite = torch.isfinite(rows.offsets).all()
-            all_done, all_finite = torch.stack([done.all(), finite]).tolist()
+            finite = torch.isfinite(rows.offsets).all() & torch.isfinite(gramian).all()
+            flags = torch.stack([done.all(), finite, problem.indefinite])
+            all_done, all_finite, indefinite = flags.tolist()
+            if not all_finite:
+                raise ValueError("Parameters `gramian` and `weights` should have finite entries.")
+            if indefinite:
+                raise _IndefiniteGramianError
             if all_done:
                 return rows.offsets.clamp_min(0.0)
-            if not all_finite:
-                raise ValueError(
-                    "Parameter `gramian` should be positive semi-definite with finite entries."
-                )
         frozen = done.unsqueeze(1)
         previous = (rows.free, rows.best, rows.patience, rows.careful, rows.point)
         rows.pivot(problem, wrong, first=round_ == 0, careful_rows=True)
