@@ -119,12 +119,13 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
 
     The result satisfies ``v ≥ u`` exactly, and the other optimality conditions up to rounding
     errors. Computed in float64 (and returned in the dtype of ``weights``), without gradient.
+    Slightly negative eigenvalues of ``G`` (down to ``−1%`` of its trace: the rounding errors of a
+    Gramian computed in half precision) are clipped to zero.
 
     :param weights: The vectors ``u``, of shape ``[..., m]``.
     :param gramian: The ``m x m`` positive semi-definite matrix ``G``.
-    :raises ValueError: If the shapes do not match, if ``G`` or ``u`` has non-finite entries
-        (checked on the CPU only), or if ``G`` is not positive semi-definite (found when a
-        factorisation fails, on the CPU).
+    :raises ValueError: If the shapes do not match, if ``G`` or ``u`` has non-finite entries, or
+        if ``G`` has an eigenvalue below ``−1%`` of its trace.
     """
     _check_shapes(weights, gramian)
     m = gramian.shape[0]
