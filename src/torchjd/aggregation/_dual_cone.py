@@ -519,8 +519,8 @@ def _refined_solve(
     from ``start`` for the rows where it is not NaN (rows whose free set did not change, so that
     refinement goes on over the rounds). The systems are positive semi-definite; refinement removes
     the ridge's effect on well-conditioned ones and brings the residual to rounding level on
-    (consistent) singular ones. ``_REFINEMENTS`` steps are made; on the CPU, more while they still
-    halve the residuals that are not yet at rounding level.
+    (consistent) singular ones. ``_REFINEMENTS`` steps are made on accelerators; on the CPU, steps
+    are made while the residuals are above rounding level and still decreasing.
 
     :raises ValueError: On the CPU, if a factorisation fails (a clearly indefinite system).
     """
@@ -536,21 +536,26 @@ def _refined_solve(
     rhs = rhs.unsqueeze(-1)
     regularized = torch.cholesky_solve(rhs, factor)
     start = start.unsqueeze(-1)
-    refined = torch.where(start.isnan().any(dim=1, keepdim=True), regularized, start)
-    # Rounding level of the residual, per row: |A_ij| <= max_k A_kk for a PSD matrix A.
-    largest = systems.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True).unsqueeze(-1)
+    refined = torch.where(start.isnan().any(dim=-2, keepdim=True), regularized, start)
+    if not on_cpu:
+        for _ in range(_REFINEMENTS):
+            refined = refined + torch.cholesky_solve(rhs - systems @ refined, factor)
+        return regularized.squeeze(-1), refined.squeeze(-1)
+    # Rounding level of the residuals, per entry: |A_ij| <= s_i s_j with s = sqrt(diag(A)) for a
+    # PSD matrix A, so the error of (A x)_i is about ε s_i Σ_j s_j |x_j|.
+    root_diagonal = systems.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt().unsqueeze(-1)
+    rounding = systems.shape[-1] * torch.finfo(systems.dtype).eps
     previous_norm = None
-    for step in range(_MAX_REFINEMENTS if on_cpu else _REFINEMENTS):
+    for _ in range(_MAX_REFINEMENTS):
         residual = rhs - systems @ refined
-        if on_cpu and step >= _REFINEMENTS:
-            norm = residual.abs().amax(dim=(1, 2))
-            scale = largest.squeeze() * refined.abs().sum(dim=(1, 2)) + rhs.abs().amax(dim=(1, 2))
-            pending = norm > 8 * systems.shape[-1] * torch.finfo(norm.dtype).eps * scale
-            if previous_norm is not None:
-                pending &= norm < 0.5 * previous_norm
-            if not bool(pending.any()):
-                break
-            previous_norm = norm
+        magnitude = root_diagonal * (root_diagonal * refined.abs()).sum(dim=-2, keepdim=True)
+        pending = (residual.abs() > rounding * (magnitude + rhs.abs())).any(dim=-2)
+        norm = residual.abs().amax(dim=-2)
+        if previous_norm is not None:
+            pending &= norm < 0.9 * previous_norm
+        if not bool(pending.any()):
+            break
+        previous_norm = norm
         refined = refined + torch.cholesky_solve(residual, factor)
     return regularized.squeeze(-1), refined.squeeze(-1)
 
