@@ -66,6 +66,9 @@ _TOLERANCE = 4.0
 # Gramians with negative eigenvalues down to this (relative to the trace) are taken for rounding
 # errors (a Gramian computed in low precision) and clipped; below, they are an error.
 _INDEFINITE_TOLERANCE = 1e-2
+# See `_Rows._lawson_hanson_step`: how many times the tolerance a multiplier may exceed it for a
+# row to be accepted when Lawson and Hanson's method cannot make progress.
+_STUCK_TOLERANCE = 1e4
 # Rounds of full exchange allowed without progress before switching to the careful mode.
 _PATIENCE = 3
 # Most elements in one batch of gathered systems (CPU): 4 MiB in float64, about the L2 cache size.
@@ -77,6 +80,17 @@ _WARM_START_ITERATIONS = 20
 _RELAXATION = 1.6
 # Up to this size, the CPU path tries all the 2^m free sets at once (fewer operations than rounds).
 _ENUMERATION_MAX_SIZE = 5
+# Up to this size, the CPU path first tries a lean block principal pivoting (few torch operations
+# per round, no warm start): at small sizes, the per-operation overhead of torch is the cost.
+_SMALL_MAX_SIZE = 32
+_SMALL_MAX_ROUNDS = 12
+# Up to this size and number of problems, the CPU path first solves the problems one by one in
+# plain Python floats (IEEE float64, like torch's): faster than any sequence of torch operations.
+_TINY_MAX_SIZE = 5
+_TINY_MAX_ROWS = 16
+# Traces below this are treated as zero by the small path (left to the general one).
+_TINY = 1e-300
+_FLOAT64_EPS = 2.0**-52
 
 
 def check_solver(solver: object) -> SolverName:
@@ -131,11 +145,20 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
     m = gramian.shape[0]
     if weights.numel() == 0:
         return weights.detach().clone()
+    on_cpu = gramian.device.type == "cpu" and weights.device.type == "cpu"
+    if on_cpu and m <= _TINY_MAX_SIZE and weights.numel() <= _TINY_MAX_ROWS * m:
+        # Reading CPU tensors into Python floats is a copy, not a synchronisation.
+        solutions = _solve_tiny(weights.detach().reshape(-1, m).tolist(), gramian.detach().tolist())
+        if solutions is not None:
+            return torch.tensor(solutions, dtype=weights.dtype).reshape(weights.shape)
     with torch.no_grad():
         work = torch.float64
         lower = weights.detach().reshape(-1, m).to(work)
         g = gramian.detach().to(work)
-        on_cpu = g.device.type == "cpu"
+        if on_cpu and m <= _SMALL_MAX_SIZE:
+            offsets = _solve_small(lower, g)
+            if offsets is not None:
+                return (lower + offsets).reshape(weights.shape).to(weights.dtype)
         if on_cpu:
             _check_finite(lower, g)
         # Products like J @ J.T are not exactly symmetric in floating point; the factorisations
@@ -244,6 +267,11 @@ class _Rows:
         self.best = torch.full((b,), m + 1, dtype=torch.long, device=device)
         self.patience = torch.full((b,), _PATIENCE, dtype=torch.long, device=device)
         self.careful = torch.zeros(b, dtype=torch.bool, device=device)
+        # The index that entered F in the last careful step, and the rows accepted at a point
+        # where Lawson and Hanson's method can make no progress (see `_lawson_hanson_step`).
+        self.entered = torch.zeros(b, m, dtype=torch.bool, device=device)
+        self.accepted = torch.zeros(b, dtype=torch.bool, device=device)
+        self.entry_violation = torch.full((b,), math.inf, dtype=problem.lower.dtype, device=device)
         self.point = torch.zeros_like(problem.lower)
         # Offsets x = v − u and products G v, exact and ridged (G v + δ x).
         self.offsets = torch.zeros_like(problem.lower)
@@ -259,6 +287,9 @@ class _Rows:
         "best",
         "patience",
         "careful",
+        "entered",
+        "accepted",
+        "entry_violation",
         "point",
         "offsets",
         "products",
@@ -287,7 +318,7 @@ class _Rows:
             (self.offsets < -offset_tolerance) | (self.products.abs() > product_tolerance),
             self.products < -product_tolerance,
         )
-        return wrong, ~failed.any(dim=1)
+        return wrong, ~failed.any(dim=1) | self.accepted
 
     def _tolerances(self, problem: _Problem, offsets: Tensor) -> tuple[Tensor, Tensor]:
         """Per entry, the rounding-level tolerances on ``x`` and on ``y = G v``."""
@@ -317,7 +348,9 @@ class _Rows:
             self.free = fast_free
             return
         # Careful mode, entered from the current solution's feasible part.
-        point, careful_free = self._lawson_hanson_step(problem)
+        point, careful_free, entered, stuck = self._lawson_hanson_step(problem)
+        self.accepted = self.accepted | (self.careful & stuck)
+        self.entered = entered & careful
         entering = switching.unsqueeze(1)
         entry_point = self.offsets.clamp_min(0.0) * self.free
         self.point = torch.where(entering, entry_point, torch.where(careful, point, self.point))
@@ -328,7 +361,7 @@ class _Rows:
         )
         self.careful = self.careful | switching
 
-    def _lawson_hanson_step(self, problem: _Problem) -> tuple[Tensor, Tensor]:
+    def _lawson_hanson_step(self, problem: _Problem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One step of the careful mode, from the solution ``z`` on ``F`` of the last round."""
         solution, products, point, free = self.offsets, self.products, self.point, self.free
         offset_tolerance, product_tolerance = self._tolerances(problem, solution)
@@ -347,9 +380,19 @@ class _Rows:
         positions = torch.arange(free.shape[1], device=free.device)
         entering = (positions == most_negative) & candidates
         accepted = solution.clamp_min(0.0) * free
+        # On a singular or badly conditioned G, an index whose multiplier is negative by a little
+        # more than rounding errors can enter and block at once (z_j < 0, no move): the method
+        # would cycle. The point is then optimal up to errors amplified by the conditioning, and
+        # is accepted if the multiplier was within `_STUCK_TOLERANCE` times the tolerance.
+        stuck = (blocking & self.entered).any(dim=1) & (step.squeeze(1) <= 0)
+        stuck &= self.entry_violation <= _STUCK_TOLERANCE
+        violation = torch.where(entering, -products / product_tolerance, 0.0).sum(dim=1)
+        self.entry_violation = torch.where(any_blocked.squeeze(1), math.inf, violation)
         return (
             torch.where(any_blocked, moved, accepted),
             torch.where(any_blocked, moved_free, free | entering),
+            entering & ~any_blocked,
+            stuck,
         )
 
     def needs_care(self, wrong: Tensor) -> bool:
@@ -436,6 +479,145 @@ def _solve_by_enumeration(problem: _Problem) -> Tensor | None:
         return None
     first = optimal.to(torch.uint8).argmax(dim=0)
     return offsets[first, :, torch.arange(lower.shape[0])].clamp_min(0.0)
+
+
+def _solve_tiny(lower: list[list[float]], gramian: list[list[float]]) -> list[list[float]] | None:
+    """CPU path for tiny problems, in Python floats: the same block principal pivoting as
+    :func:`_solve_small`, one problem at a time, with a Cholesky factorisation of ``G_FF`` per
+    round. Returns the minimisers ``v``, or ``None`` when the result cannot be certified cheaply
+    (non-finite or not clearly positive semi-definite input, a singular system, no convergence in
+    a few rounds): the general path then decides."""
+    m = len(gramian)
+    if not all(math.isfinite(entry) for row in gramian for entry in row):
+        return None
+    if not all(math.isfinite(entry) for row in lower for entry in row):
+        return None
+    trace = sum(gramian[i][i] for i in range(m))
+    if not trace > 0.0:
+        return None
+    half_inverse = 0.5 / trace
+    g = [[(gramian[i][j] + gramian[j][i]) * half_inverse for j in range(m)] for i in range(m)]
+    # Not clearly positive semi-definite: the general path raises or clips.
+    ridged = [[g[i][j] + (_RIDGE if i == j else 0.0) for j in range(m)] for i in range(m)]
+    if _cholesky(ridged, list(range(m))) is None:
+        return None
+    unit_error = _TOLERANCE * m * _FLOAT64_EPS
+    solutions = []
+    columns = range(m)
+    for u in lower:
+        nonzero = [(k, u[k]) for k in columns if u[k] != 0.0]
+        linear = [sum(value * g[k][j] for k, value in nonzero) for j in columns]
+        lower_scale = sum(abs(value) for value in u)
+        free = [value < 0.0 for value in linear]
+        for _ in range(_SMALL_MAX_ROUNDS):
+            indices = [j for j in columns if free[j]]
+            factor = _cholesky(g, indices)
+            if factor is None:
+                return None
+            free_offsets = _cholesky_solve(factor, [-linear[j] for j in indices])
+            offsets = [0.0] * m
+            for index, value in zip(indices, free_offsets):
+                offsets[index] = value
+            products = [
+                linear[j] + sum(g[j][index] * value for index, value in zip(indices, free_offsets))
+                for j in columns
+            ]
+            tolerance = unit_error * (lower_scale + sum(abs(value) for value in free_offsets))
+            wrong = [(offsets[j] if free[j] else products[j]) < -tolerance for j in columns]
+            if not any(wrong):
+                break
+            free = [is_free != is_wrong for is_free, is_wrong in zip(free, wrong)]
+        else:
+            return None
+        if any(abs(products[j]) > tolerance for j in indices):
+            return None
+        solutions.append([u[j] + max(offsets[j], 0.0) for j in columns])
+    return solutions
+
+
+def _cholesky(matrix: list[list[float]], indices: list[int]) -> list[list[float]] | None:
+    """The lower Cholesky factor of ``matrix[indices][:, indices]``, or ``None`` if a pivot is not
+    positive (or not finite)."""
+    size = len(indices)
+    factor = [[0.0] * size for _ in range(size)]
+    for a in range(size):
+        row = matrix[indices[a]]
+        factor_a = factor[a]
+        for c in range(a):
+            factor_c = factor[c]
+            dot = sum(factor_a[t] * factor_c[t] for t in range(c))
+            factor_a[c] = (row[indices[c]] - dot) / factor_c[c]
+        pivot = row[indices[a]] - sum(value * value for value in factor_a[:a])
+        if not pivot > 0.0 or not math.isfinite(pivot):
+            return None
+        factor_a[a] = math.sqrt(pivot)
+    return factor
+
+
+def _cholesky_solve(factor: list[list[float]], rhs: list[float]) -> list[float]:
+    size = len(rhs)
+    forward = [0.0] * size
+    for a in range(size):
+        dot = sum(factor[a][t] * forward[t] for t in range(a))
+        forward[a] = (rhs[a] - dot) / factor[a][a]
+    solution = [0.0] * size
+    for a in range(size - 1, -1, -1):
+        dot = sum(factor[t][a] * solution[t] for t in range(a + 1, size))
+        solution[a] = (forward[a] - dot) / factor[a][a]
+    return solution
+
+
+def _solve_small(lower: Tensor, gramian: Tensor) -> Tensor | None:
+    """CPU path for small ``m``, with as few torch operations as possible (each costs a few
+    microseconds, more than the arithmetic): block principal pivoting from the free sets
+    ``{j : (G u)_j < 0}``, every round one batched Cholesky factorisation of the full-size systems
+    masked to the free sets, exact (no ridge). Returns the offsets ``x = v − u``, or ``None`` if
+    the result cannot be certified cheaply (non-finite or not clearly positive semi-definite
+    input, a singular system, no convergence in a few rounds): the general path then decides.
+
+    A returned ``x`` satisfies the optimality conditions up to rounding errors: ``x ≥ 0`` (after
+    clamping entries that are negative by rounding), ``y = G v ≥ 0``, ``y = 0`` on the free set."""
+    m = gramian.shape[0]
+    trace = torch.trace(gramian)
+    # Zero or non-finite traces are left to the general path (see the final test).
+    gramian = (gramian + gramian.T) * (0.5 / trace.clamp_min(_TINY))
+    eye = torch.eye(m, dtype=gramian.dtype)
+    linear = lower @ gramian
+    neg_linear = -linear
+    unit_error = _TOLERANCE * m * torch.finfo(gramian.dtype).eps
+    # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
+    neg_lower_scale = lower.abs().sum(dim=1, keepdim=True) * -unit_error
+    free = linear < 0
+    for _ in range(_SMALL_MAX_ROUNDS):
+        systems = torch.where(free.unsqueeze(2) & free.unsqueeze(1), gramian, eye)
+        factor, info = torch.linalg.cholesky_ex(systems)
+        rhs = torch.where(free, neg_linear, 0.0).unsqueeze(2)
+        offsets = torch.cholesky_solve(rhs, factor).squeeze(2)
+        products = torch.addmm(linear, offsets, gramian)
+        neg_tolerance = torch.add(
+            neg_lower_scale,
+            torch.linalg.vector_norm(offsets, 1, dim=1, keepdim=True),
+            alpha=-unit_error,
+        )
+        wrong = torch.where(free, offsets, products) < neg_tolerance
+        if not bool(wrong.any()):
+            break
+        free = free ^ wrong
+    else:
+        return None
+    # Certificate: finite, non-singular free systems, y_F at rounding level, G not indefinite.
+    full_info = torch.linalg.cholesky_ex(gramian + _RIDGE * eye)[1]
+    residual = torch.where(free, products, 0.0).abs()
+    certified = (
+        (residual <= -neg_tolerance).all()
+        & (info == 0).all()
+        & (full_info == 0)
+        & (trace > _TINY)
+        & torch.isfinite(gramian.sum() + lower.sum())
+    )
+    if not bool(certified):
+        return None
+    return offsets.clamp_min(0.0)
 
 
 def _solve_gathered(problem: _Problem) -> Tensor:
