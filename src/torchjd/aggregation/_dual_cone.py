@@ -46,6 +46,7 @@ as the warm start leaves one to three rounds): the only host synchronisations.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Literal, get_args
 
 import torch
@@ -86,7 +87,7 @@ _SMALL_MAX_SIZE = 32
 _SMALL_MAX_ROUNDS = 12
 # Up to this size and number of problems, the CPU path first solves the problems one by one in
 # plain Python floats (IEEE float64, like torch's): faster than any sequence of torch operations.
-_TINY_MAX_SIZE = 5
+TINY_MAX_SIZE = 5
 _TINY_MAX_ROWS = 16
 # Traces below this are treated as zero by the small path (left to the general one).
 _TINY = 1e-300
@@ -146,7 +147,7 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
     if weights.numel() == 0:
         return weights.detach().clone()
     on_cpu = gramian.device.type == "cpu" and weights.device.type == "cpu"
-    if on_cpu and m <= _TINY_MAX_SIZE and weights.numel() <= _TINY_MAX_ROWS * m:
+    if on_cpu and m <= TINY_MAX_SIZE and weights.numel() <= _TINY_MAX_ROWS * m:
         # Reading CPU tensors into Python floats is a copy, not a synchronisation.
         solutions = _solve_tiny(weights.detach().reshape(-1, m).tolist(), gramian.detach().tolist())
         if solutions is not None:
@@ -481,49 +482,88 @@ def _solve_by_enumeration(problem: _Problem) -> Tensor | None:
     return offsets[first, :, torch.arange(lower.shape[0])].clamp_min(0.0)
 
 
+def project_tiny(
+    lower: list[list[float]], gramian: Tensor, norm_eps: float, reg_eps: float
+) -> list[list[float]] | None:
+    """The projections of UPGrad and DualProj for tiny CPU problems, all in Python floats: each
+    torch operation costs microseconds, more than the whole solve at this size. For the vectors
+    ``u`` of ``lower`` (``m`` entries each), return the minimisers of ``vᵀ G' v`` subject to
+    ``v ≥ u``, with ``G' = G / trace(G) + reg_eps I`` (``reg_eps I`` if the trace is below
+    ``norm_eps``); or ``None`` if the problem is not tiny, not on the CPU, or not certified solved
+    (then the caller uses the general path).
+    """
+    m = gramian.shape[0]
+    if gramian.device.type != "cpu" or m > TINY_MAX_SIZE or len(lower) > _TINY_MAX_ROWS:
+        return None
+    # Reading a CPU tensor into Python floats is a copy, not a synchronisation.
+    entries = gramian.detach().tolist()
+    trace = sum(entries[i][i] for i in range(m))
+    if trace < norm_eps:
+        scale = 0.0
+    elif trace > 0.0 and math.isfinite(trace):
+        scale = 1.0 / trace
+    else:
+        return None
+    regularized = [[entry * scale for entry in row] for row in entries]
+    for i in range(m):
+        regularized[i][i] += reg_eps
+    return _solve_tiny(lower, regularized)
+
+
 def _solve_tiny(lower: list[list[float]], gramian: list[list[float]]) -> list[list[float]] | None:
     """CPU path for tiny problems, in Python floats: the same block principal pivoting as
     :func:`_solve_small`, one problem at a time, with a Cholesky factorisation of ``G_FF`` per
-    round. Returns the minimisers ``v``, or ``None`` when the result cannot be certified cheaply
-    (non-finite or not clearly positive semi-definite input, a singular system, no convergence in
-    a few rounds): the general path then decides."""
+    free set (shared by the rows). Returns the minimisers ``v``, or ``None`` when the result cannot
+    be certified cheaply (non-finite or not clearly positive semi-definite input, a singular
+    system, no convergence in a few rounds): the general path then decides."""
     m = len(gramian)
-    if not all(math.isfinite(entry) for row in gramian for entry in row):
-        return None
-    if not all(math.isfinite(entry) for row in lower for entry in row):
-        return None
-    trace = sum(gramian[i][i] for i in range(m))
-    if not trace > 0.0:
+    columns = range(m)
+    trace = sum(gramian[i][i] for i in columns)
+    # Infinite or NaN if an entry is (or if the sum overflows: left to the general path too).
+    total = sum(map(sum, gramian)) + sum(map(sum, lower))
+    if not (trace > 0.0 and math.isfinite(total)):
         return None
     half_inverse = 0.5 / trace
-    g = [[(gramian[i][j] + gramian[j][i]) * half_inverse for j in range(m)] for i in range(m)]
+    g = [
+        [(entry + transposed) * half_inverse for entry, transposed in zip(row, column)]
+        for row, column in zip(gramian, zip(*gramian))
+    ]
     # Not clearly positive semi-definite: the general path raises or clips.
-    ridged = [[g[i][j] + (_RIDGE if i == j else 0.0) for j in range(m)] for i in range(m)]
-    if _cholesky(ridged, list(range(m))) is None:
+    ridged = [row.copy() for row in g]
+    for i in columns:
+        ridged[i][i] += _RIDGE
+    if _cholesky(ridged, tuple(columns)) is None:
         return None
     unit_error = _TOLERANCE * m * _FLOAT64_EPS
+    factors: dict[tuple[int, ...], list[list[float]] | None] = {}
     solutions = []
-    columns = range(m)
     for u in lower:
-        nonzero = [(k, u[k]) for k in columns if u[k] != 0.0]
-        linear = [sum(value * g[k][j] for k, value in nonzero) for j in columns]
-        lower_scale = sum(abs(value) for value in u)
-        free = [value < 0.0 for value in linear]
+        linear = [0.0] * m
+        for k in columns:
+            if u[k] != 0.0:
+                value = u[k]
+                linear = [entry + value * g_kj for entry, g_kj in zip(linear, g[k])]
+        lower_scale = sum(map(abs, u))
+        free = [entry < 0.0 for entry in linear]
         for _ in range(_SMALL_MAX_ROUNDS):
-            indices = [j for j in columns if free[j]]
-            factor = _cholesky(g, indices)
+            indices = tuple(j for j in columns if free[j])
+            if indices in factors:
+                factor = factors[indices]
+            else:
+                factor = factors[indices] = _cholesky(g, indices)
             if factor is None:
                 return None
             free_offsets = _cholesky_solve(factor, [-linear[j] for j in indices])
             offsets = [0.0] * m
+            products = linear
             for index, value in zip(indices, free_offsets):
                 offsets[index] = value
-            products = [
-                linear[j] + sum(g[j][index] * value for index, value in zip(indices, free_offsets))
-                for j in columns
+                products = [entry + value * g_ij for entry, g_ij in zip(products, g[index])]
+            tolerance = unit_error * (lower_scale + sum(map(abs, free_offsets)))
+            wrong = [
+                (offset if is_free else product) < -tolerance
+                for offset, product, is_free in zip(offsets, products, free)
             ]
-            tolerance = unit_error * (lower_scale + sum(abs(value) for value in free_offsets))
-            wrong = [(offsets[j] if free[j] else products[j]) < -tolerance for j in columns]
             if not any(wrong):
                 break
             free = [is_free != is_wrong for is_free, is_wrong in zip(free, wrong)]
@@ -531,35 +571,37 @@ def _solve_tiny(lower: list[list[float]], gramian: list[list[float]]) -> list[li
             return None
         if any(abs(products[j]) > tolerance for j in indices):
             return None
-        solutions.append([u[j] + max(offsets[j], 0.0) for j in columns])
+        solutions.append([bound + max(offset, 0.0) for bound, offset in zip(u, offsets)])
     return solutions
 
 
-def _cholesky(matrix: list[list[float]], indices: list[int]) -> list[list[float]] | None:
+def _cholesky(matrix: list[list[float]], indices: tuple[int, ...]) -> list[list[float]] | None:
     """The lower Cholesky factor of ``matrix[indices][:, indices]``, or ``None`` if a pivot is not
     positive (or not finite)."""
-    size = len(indices)
-    factor = [[0.0] * size for _ in range(size)]
-    for a in range(size):
-        row = matrix[indices[a]]
-        factor_a = factor[a]
+    factor: list[list[float]] = []
+    for a, index in enumerate(indices):
+        row = matrix[index]
+        factor_a: list[float] = []
         for c in range(a):
             factor_c = factor[c]
-            dot = sum(factor_a[t] * factor_c[t] for t in range(c))
-            factor_a[c] = (row[indices[c]] - dot) / factor_c[c]
-        pivot = row[indices[a]] - sum(value * value for value in factor_a[:a])
-        if not pivot > 0.0 or not math.isfinite(pivot):
+            factor_a.append(
+                (row[indices[c]] - sum(map(operator.mul, factor_a, factor_c))) / factor_c[c]
+            )
+        pivot = row[index] - sum(map(operator.mul, factor_a, factor_a))
+        if not (pivot > 0.0 and math.isfinite(pivot)):
             return None
-        factor_a[a] = math.sqrt(pivot)
+        factor_a.append(math.sqrt(pivot))
+        factor.append(factor_a)
     return factor
 
 
 def _cholesky_solve(factor: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve ``L Lᵀ x = rhs`` for the lower triangular ``L`` given by its rows."""
     size = len(rhs)
-    forward = [0.0] * size
+    forward: list[float] = []
     for a in range(size):
-        dot = sum(factor[a][t] * forward[t] for t in range(a))
-        forward[a] = (rhs[a] - dot) / factor[a][a]
+        factor_a = factor[a]
+        forward.append((rhs[a] - sum(map(operator.mul, factor_a, forward))) / factor_a[a])
     solution = [0.0] * size
     for a in range(size - 1, -1, -1):
         dot = sum(factor[t][a] * solution[t] for t in range(a + 1, size))

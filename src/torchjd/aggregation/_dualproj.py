@@ -2,10 +2,18 @@ from __future__ import annotations
 
 from typing import cast
 
+import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import SolverName, check_epsilon, check_solver, project_weights
+from ._dual_cone import (
+    TINY_MAX_SIZE,
+    SolverName,
+    check_epsilon,
+    check_solver,
+    project_tiny,
+    project_weights,
+)
 from ._mean import MeanWeighting
 from ._non_differentiable import mark_non_differentiable
 from ._pref_vector import pref_vector_to_weighting
@@ -66,6 +74,11 @@ class DualProjWeighting(Weighting[PSDMatrix]):
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         _check_is_square(gramian)
         weights = self.weighting(gramian).to(dtype=gramian.dtype, device=gramian.device)
+        if self.solver == "active_set" and gramian.shape[0] <= TINY_MAX_SIZE:
+            lower = [weights.tolist()] if weights.device.type == "cpu" else []
+            solutions = project_tiny(lower, gramian, self.norm_eps, self.reg_eps)
+            if solutions is not None:
+                return torch.tensor(solutions[0], dtype=gramian.dtype)
         regularized = regularize(normalize(gramian, self.norm_eps), self.reg_eps)
         return project_weights(weights, regularized, self.solver)
 

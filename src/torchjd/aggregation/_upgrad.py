@@ -6,7 +6,14 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import SolverName, check_epsilon, check_solver, project_weights
+from ._dual_cone import (
+    TINY_MAX_SIZE,
+    SolverName,
+    check_epsilon,
+    check_solver,
+    project_tiny,
+    project_weights,
+)
 from ._mean import MeanWeighting
 from ._non_differentiable import mark_non_differentiable
 from ._pref_vector import pref_vector_to_weighting
@@ -71,6 +78,16 @@ class UPGradWeighting(Weighting[PSDMatrix]):
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         _check_is_square(gramian)
         weights = self.weighting(gramian).to(dtype=gramian.dtype, device=gramian.device)
+        if self.solver == "active_set" and gramian.shape[0] <= TINY_MAX_SIZE:
+            entries = weights.tolist() if weights.device.type == "cpu" else []
+            lower = [
+                [entry if i == j else 0.0 for j in range(len(entries))]
+                for i, entry in enumerate(entries)
+            ]
+            solutions = project_tiny(lower, gramian, self.norm_eps, self.reg_eps)
+            if solutions is not None:
+                summed = [sum(column) for column in zip(*solutions)]
+                return torch.tensor(summed, dtype=gramian.dtype)
         regularized = regularize(normalize(gramian, self.norm_eps), self.reg_eps)
         return project_weights(torch.diag(weights), regularized, self.solver).sum(dim=0)
 
