@@ -90,7 +90,8 @@ _SMALL_MAX_ROUNDS = 12
 TINY_MAX_SIZE = 5
 _TINY_MAX_ROWS = 16
 # Traces below this are treated as zero by the small path (left to the general one).
-_TINY = 1e-300
+# Added to the diagonal of the systems off the free sets (see `_solve_small`).
+_PENALTY = 1e24
 _FLOAT64_EPS = 2.0**-52
 
 
@@ -609,32 +610,71 @@ def _cholesky_solve(factor: list[list[float]], rhs: list[float]) -> list[float]:
     return solution
 
 
-def _solve_small(lower: Tensor, gramian: Tensor) -> Tensor | None:
+def project_small(lower: Tensor, gramian: Tensor, norm_eps: float, reg_eps: float) -> Tensor | None:
+    """The projections of UPGrad and DualProj for small CPU problems: for the vectors ``u`` of
+    ``lower`` (``[b, m]``, the dtype of ``gramian``), the minimisers of ``vᵀ G' v`` subject to
+    ``v ≥ u``, with ``G' = G / trace(G) + reg_eps I`` (``reg_eps I`` if the trace is below
+    ``norm_eps``), by :func:`_solve_small`, the normalisation fused with the solver's own; or
+    ``None`` if the problem is not small, not on the CPU, or not certified solved (then the caller
+    uses the general path)."""
+    m = gramian.shape[0]
+    if gramian.device.type != "cpu" or m > _SMALL_MAX_SIZE or m == 0:
+        return None
+    with torch.no_grad():
+        offsets = _solve_small(lower.to(torch.float64), gramian.detach(), norm_eps, reg_eps)
+    if offsets is None:
+        return None
+    return (lower + offsets).to(lower.dtype)
+
+
+def _solve_small(
+    lower: Tensor, gramian: Tensor, norm_eps: float | None = None, reg_eps: float = 0.0
+) -> Tensor | None:
     """CPU path for small ``m``, with as few torch operations as possible (each costs a few
     microseconds, more than the arithmetic): block principal pivoting from the free sets
-    ``{j : (G u)_j < 0}``, every round one batched Cholesky factorisation of the full-size systems
-    masked to the free sets, exact (no ridge). Returns the offsets ``x = v − u``, or ``None`` if
-    the result cannot be certified cheaply (non-finite or not clearly positive semi-definite
-    input, a singular system, no convergence in a few rounds): the general path then decides.
+    ``{j : (G u)_j < 0}``, every round one batched Cholesky factorisation of full-size systems,
+    exact (no ridge). Returns the offsets ``x = v − u``, or ``None`` if the result cannot be
+    certified cheaply (non-finite or not clearly positive semi-definite input, a singular system,
+    no convergence in a few rounds): the general path then decides. With ``norm_eps``, ``G`` is
+    first replaced by ``G / trace(G) + reg_eps I`` (``reg_eps I`` if the trace is below
+    ``norm_eps``), as UPGrad and DualProj do.
+
+    The systems are ``(G + M D) x = −G u`` with ``D`` the diagonal indicator of the indices off
+    the free set ``F`` and ``M`` huge: ``x`` is zero off ``F`` and solves ``G_FF x_F = −(G u)_F``
+    up to ``1/M``, far below rounding errors, without masking the matrices or the right-hand sides.
 
     A returned ``x`` satisfies the optimality conditions up to rounding errors: ``x ≥ 0`` (after
     clamping entries that are negative by rounding), ``y = G v ≥ 0``, ``y = 0`` on the free set."""
     m = gramian.shape[0]
-    trace = torch.trace(gramian)
-    # Zero or non-finite traces are left to the general path (see the final test).
-    gramian = (gramian + gramian.T) * (0.5 / trace.clamp_min(_TINY))
-    eye = torch.eye(m, dtype=gramian.dtype)
+    # A read on the CPU, not a synchronisation; the scalars of the normalisation are then free.
+    trace = float(torch.trace(gramian))
+    scale, ridge = 1.0, 0.0
+    if norm_eps is not None:
+        if trace < norm_eps:
+            scale = 0.0
+        elif trace > 0.0 and math.isfinite(trace):
+            scale = 1.0 / trace
+        else:
+            return None
+        ridge = reg_eps
+    total = scale * trace + m * ridge
+    if not (total > 0.0 and math.isfinite(total)):
+        return None
+    gramian = gramian.to(torch.float64)
+    gramian = torch.add(gramian, gramian.T).mul_(0.5 * scale / total)
+    if ridge > 0.0:
+        gramian.diagonal().add_(ridge / total)
     linear = lower @ gramian
-    neg_linear = -linear
-    unit_error = _TOLERANCE * m * torch.finfo(gramian.dtype).eps
+    neg_linear = (-linear).unsqueeze(2)
+    unit_error = _TOLERANCE * m * _FLOAT64_EPS
     # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
     neg_lower_scale = lower.abs().sum(dim=1, keepdim=True) * -unit_error
     free = linear < 0
+    no_penalty, penalty = torch.tensor([0.0, _PENALTY], dtype=torch.float64)
     for _ in range(_SMALL_MAX_ROUNDS):
-        systems = torch.where(free.unsqueeze(2) & free.unsqueeze(1), gramian, eye)
-        factor, info = torch.linalg.cholesky_ex(systems)
-        rhs = torch.where(free, neg_linear, 0.0).unsqueeze(2)
-        offsets = torch.cholesky_solve(rhs, factor).squeeze(2)
+        penalties = torch.where(free, no_penalty, penalty)
+        factor, info = torch.linalg.cholesky_ex(torch.diag_embed(penalties).add_(gramian))
+        offsets = torch.cholesky_solve(neg_linear, factor).squeeze(2)
         products = torch.addmm(linear, offsets, gramian)
         neg_tolerance = torch.add(
             neg_lower_scale,
@@ -648,18 +688,18 @@ def _solve_small(lower: Tensor, gramian: Tensor) -> Tensor | None:
     else:
         return None
     # Certificate: finite, non-singular free systems, y_F at rounding level, G not indefinite.
-    full_info = torch.linalg.cholesky_ex(gramian + _RIDGE * eye)[1]
+    ridged = gramian.clone()
+    ridged.diagonal().add_(_RIDGE)
     residual = torch.where(free, products, 0.0).abs()
     certified = (
         (residual <= -neg_tolerance).all()
-        & (info == 0).all()
-        & (full_info == 0)
-        & (trace > _TINY)
-        & torch.isfinite(gramian.sum() + lower.sum())
+        & ~info.any()
+        & (torch.linalg.cholesky_ex(ridged)[1] == 0)
+        & torch.isfinite(gramian.sum() + neg_lower_scale.sum())
     )
     if not bool(certified):
         return None
-    return offsets.clamp_min(0.0)
+    return torch.where(free, offsets.clamp_min(0.0), 0.0)
 
 
 def _solve_gathered(problem: _Problem) -> Tensor:

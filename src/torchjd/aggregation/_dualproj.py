@@ -11,6 +11,7 @@ from ._dual_cone import (
     SolverName,
     check_epsilon,
     check_solver,
+    project_small,
     project_tiny,
     project_weights,
 )
@@ -79,6 +80,10 @@ class DualProjWeighting(Weighting[PSDMatrix]):
             solutions = project_tiny(lower, gramian, self.norm_eps, self.reg_eps)
             if solutions is not None:
                 return torch.tensor(solutions[0], dtype=gramian.dtype)
+        if self.solver == "active_set":
+            projections = project_small(weights.unsqueeze(0), gramian, self.norm_eps, self.reg_eps)
+            if projections is not None:
+                return projections[0]
         regularized = regularize(normalize(gramian, self.norm_eps), self.reg_eps)
         return project_weights(weights, regularized, self.solver)
 

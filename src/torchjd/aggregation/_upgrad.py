@@ -11,6 +11,7 @@ from ._dual_cone import (
     SolverName,
     check_epsilon,
     check_solver,
+    project_small,
     project_tiny,
     project_weights,
 )
@@ -88,6 +89,10 @@ class UPGradWeighting(Weighting[PSDMatrix]):
             if solutions is not None:
                 summed = [sum(column) for column in zip(*solutions)]
                 return torch.tensor(summed, dtype=gramian.dtype)
+        if self.solver == "active_set":
+            projections = project_small(torch.diag(weights), gramian, self.norm_eps, self.reg_eps)
+            if projections is not None:
+                return projections.sum(dim=0)
         regularized = regularize(normalize(gramian, self.norm_eps), self.reg_eps)
         return project_weights(torch.diag(weights), regularized, self.solver).sum(dim=0)
 
