@@ -26,6 +26,7 @@ from torchjd.aggregation._dual_cone import (
     project_weights,
     solve_dual_cone_qp,
 )
+from torchjd.aggregation._utils import normalize, regularize
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -389,3 +390,181 @@ def test_clearly_indefinite_gramians_are_rejected() -> None:
     gramian = torch.diag(torch.tensor([1.0, 1.0, -0.1], dtype=torch.float64))
     with pytest.raises(ValueError, match="positive semi-definite"):
         solve_dual_cone_qp(torch.eye(3, dtype=torch.float64), gramian)
+
+
+# A trace-normalised Gramian of rank 4 (of an 8 x 9 matrix of scale 1e-12, found by Hypothesis):
+# without regularisation, Lawson and Hanson's method made an index enter and leave F forever.
+_CYCLING_GRAMIAN = (
+    (
+        "0x1.d3ebc7242c30dp-3",
+        "0x1.d751205db8cdbp-6",
+        "-0x1.9a60a695cd2a3p-5",
+        "-0x1.fe0b5bc9d3470p-5",
+        "0x1.fd5c435d96ee3p-4",
+        "0x1.490f0eee0523ep-4",
+        "-0x1.2a1d745c945a4p-3",
+        "0x1.f582e69b9bf67p-4",
+    ),
+    (
+        "0x1.d751205db8cd8p-6",
+        "0x1.04cbfe9283426p-4",
+        "-0x1.111390334eac7p-5",
+        "-0x1.e6886488518ffp-5",
+        "0x1.0b90b15ef4894p-5",
+        "-0x1.876fded31162cp-5",
+        "-0x1.5b1ab3106a82ep-4",
+        "-0x1.50be724879acbp-5",
+    ),
+    (
+        "-0x1.9a60a695cd2a3p-5",
+        "-0x1.111390334eac6p-5",
+        "0x1.7dc24a5a6c2fcp-4",
+        "0x1.00bbcaaa731e7p-5",
+        "-0x1.c4ada42e0b7bep-9",
+        "0x1.ea32abe0eeafap-7",
+        "0x1.583655b68a271p-5",
+        "-0x1.f10a9d5fc7974p-6",
+    ),
+    (
+        "-0x1.fe0b5bc9d3470p-5",
+        "-0x1.e6886488518ffp-5",
+        "0x1.00bbcaaa731e7p-5",
+        "0x1.5c747fc9fd936p-4",
+        "-0x1.e96df955be94ep-5",
+        "0x1.105cf722184a4p-6",
+        "0x1.c2d06e70695f4p-4",
+        "0x1.8e775c04fa6b2p-5",
+    ),
+    (
+        "0x1.fd5c435d96ee3p-4",
+        "0x1.0b90b15ef4894p-5",
+        "-0x1.c4ada42e0b7bep-9",
+        "-0x1.e96df955be94ep-5",
+        "0x1.7056b086c0799p-4",
+        "0x1.18aaa8655b9c2p-5",
+        "-0x1.c81e49579db28p-4",
+        "0x1.a8f2572e84518p-6",
+    ),
+    (
+        "0x1.490f0eee0523ep-4",
+        "-0x1.876fded31162cp-5",
+        "0x1.ea32abe0eeafap-7",
+        "0x1.105cf722184a4p-6",
+        "0x1.18aaa8655b9c2p-5",
+        "0x1.6ec73380216ebp-4",
+        "0x1.7072b47b32bf1p-8",
+        "0x1.4a42a8763d02ep-4",
+    ),
+    (
+        "-0x1.2a1d745c945a4p-3",
+        "-0x1.5b1ab3106a82dp-4",
+        "0x1.583655b68a271p-5",
+        "0x1.c2d06e70695f2p-4",
+        "-0x1.c81e49579db28p-4",
+        "0x1.7072b47b32bf2p-8",
+        "0x1.6c098cd23203dp-3",
+        "0x1.145a3bae183c5p-7",
+    ),
+    (
+        "0x1.f582e69b9bf64p-4",
+        "-0x1.50be724879acbp-5",
+        "-0x1.f10a9d5fc7974p-6",
+        "0x1.8e775c04fa6b2p-5",
+        "0x1.a8f2572e84517p-6",
+        "0x1.4a42a8763d02ep-4",
+        "0x1.145a3bae183c5p-7",
+        "0x1.60fa55aaba547p-3",
+    ),
+)
+
+
+def test_lawson_hanson_does_not_cycle_on_a_singular_gramian() -> None:
+    entries = [[float.fromhex(entry) for entry in row] for row in _CYCLING_GRAMIAN]
+    gramian = torch.tensor(entries, dtype=torch.float64)
+    lower = torch.diag(torch.full((8,), 0.125, dtype=torch.float64))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _general_path(monkeypatch)
+        solution = solve_dual_cone_qp(lower, gramian)
+    assert _kkt_violation(gramian, lower, solution) <= 1e-9
+    symmetric = (gramian + gramian.T) / 2
+    masked = lower + _solve_masked(_Problem(symmetric / symmetric.trace(), lower))
+    assert _kkt_violation(gramian, lower, masked) <= 1e-9
+
+
+def _general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dual_cone, "TINY_MAX_SIZE", 0)
+    monkeypatch.setattr(dual_cone, "_SMALL_MAX_SIZE", 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_problems(max_rows=32), st.sampled_from([1e-4, 0.0]))
+def test_small_paths_agree_with_the_general_path(
+    problem: tuple[Tensor, Tensor], reg_eps: float
+) -> None:
+    gramian, lower = problem
+    if reg_eps == 0.0:
+        gramian = gramian - 1e-4 * torch.eye(gramian.shape[0], dtype=gramian.dtype)
+    fast = solve_dual_cone_qp(lower, gramian)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _general_path(monkeypatch)
+        general = solve_dual_cone_qp(lower, gramian)
+    tolerance = 1e-11 if reg_eps > 0 else 1e-9
+    assert _kkt_violation(gramian, lower, fast) <= tolerance
+    assert _kkt_violation(gramian, lower, general) <= tolerance
+    if reg_eps > 0:  # The minimiser is unique.
+        assert_close(fast, general, atol=0.0, rtol=1e-9, scale=_scale(general, lower))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 9, 17, 32])
+@pytest.mark.parametrize(("norm_eps", "reg_eps"), [(1e-4, 1e-4), (0.0, 0.0), (1e3, 1e-4)])
+def test_fused_normalisation_of_the_small_paths(m: int, norm_eps: float, reg_eps: float) -> None:
+    # project_small and project_tiny normalise and regularise G themselves, as UPGrad does; with
+    # norm_eps=1e3, the trace is below norm_eps and G' = reg_eps I.
+    matrix = sample("full", m, m + 2, seed=m)  # type: ignore[arg-type]
+    gramian = matrix @ matrix.T
+    lower = torch.randn(4, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    regularized = regularize(normalize(gramian, norm_eps), reg_eps)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _general_path(monkeypatch)
+        expected = solve_dual_cone_qp(lower, regularized)
+    small = dual_cone.project_small(lower, gramian, norm_eps, reg_eps)
+    assert small is not None
+    assert_close(small, expected, atol=1e-15, rtol=1e-9)
+    tiny = dual_cone.project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
+    if m <= dual_cone.TINY_MAX_SIZE:
+        assert tiny is not None
+        assert_close(torch.tensor(tiny, dtype=torch.float64), expected, atol=1e-15, rtol=1e-9)
+    else:
+        assert tiny is None
+
+
+def test_small_paths_leave_hard_inputs_to_the_general_path() -> None:
+    lower = torch.eye(3, dtype=torch.float64)
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.1], dtype=torch.float64))
+    not_finite = torch.eye(3, dtype=torch.float64)
+    not_finite[0, 1] = float("nan")
+    zero = torch.zeros(3, 3, dtype=torch.float64)
+    for gramian in (indefinite, not_finite, zero):
+        assert dual_cone._solve_small(lower, gramian) is None
+        assert dual_cone._solve_tiny(lower.tolist(), gramian.tolist()) is None
+        # With norm_eps=0, a zero trace is not "small": G / 0 is left to the general path.
+        assert dual_cone.project_small(lower, gramian, 0.0, 0.0) is None
+        assert dual_cone.project_tiny(lower.tolist(), gramian, 0.0, 0.0) is None
+    big = torch.eye(dual_cone._SMALL_MAX_SIZE + 1, dtype=torch.float64)
+    assert dual_cone.project_small(big, big, 1e-4, 1e-4) is None
+    # Through the solver: the general path gives the errors (or the clipped or trivial answer).
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        solve_dual_cone_qp(lower, indefinite)
+    with pytest.raises(ValueError, match="finite"):
+        solve_dual_cone_qp(lower, not_finite)
+    assert_close(solve_dual_cone_qp(lower, zero), lower, atol=0.0, rtol=0.0)
+
+
+def test_small_paths_keep_the_dtype_and_carry_no_gradient() -> None:
+    matrix = sample("full", 4, 3, seed=0)  # type: ignore[arg-type]
+    gramian = (matrix @ matrix.T).float().requires_grad_()
+    lower = torch.eye(4, requires_grad=True)
+    small = dual_cone.project_small(lower, gramian, 1e-4, 1e-4)
+    assert small is not None
+    assert small.dtype == torch.float32 and not small.requires_grad
+    assert (small >= lower).all()

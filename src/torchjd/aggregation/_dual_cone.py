@@ -45,6 +45,7 @@ as the warm start leaves one to three rounds): the only host synchronisations.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Literal, get_args
@@ -621,6 +622,7 @@ def project_small(lower: Tensor, gramian: Tensor, norm_eps: float, reg_eps: floa
     if gramian.device.type != "cpu" or m > _SMALL_MAX_SIZE or m == 0:
         return None
     with torch.no_grad():
+        lower = lower.detach()
         offsets = _solve_small(lower.to(torch.float64), gramian.detach(), norm_eps, reg_eps)
     if offsets is None:
         return None
@@ -668,11 +670,11 @@ def _solve_small(
     neg_linear = (-linear).unsqueeze(2)
     unit_error = _TOLERANCE * m * _FLOAT64_EPS
     # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
-    neg_lower_scale = lower.abs().sum(dim=1, keepdim=True) * -unit_error
+    neg_lower_scale = torch.linalg.vector_norm(lower, 1, dim=1, keepdim=True).mul_(-unit_error)
     free = linear < 0
-    no_penalty, penalty = torch.tensor([0.0, _PENALTY], dtype=torch.float64)
+    zero = gramian.new_zeros(())
     for _ in range(_SMALL_MAX_ROUNDS):
-        penalties = torch.where(free, no_penalty, penalty)
+        penalties = torch.where(free, zero, _PENALTY)
         factor, info = torch.linalg.cholesky_ex(torch.diag_embed(penalties).add_(gramian))
         offsets = torch.cholesky_solve(neg_linear, factor).squeeze(2)
         products = torch.addmm(linear, offsets, gramian)
@@ -688,18 +690,18 @@ def _solve_small(
     else:
         return None
     # Certificate: finite, non-singular free systems, y_F at rounding level, G not indefinite.
-    ridged = gramian.clone()
-    ridged.diagonal().add_(_RIDGE)
-    residual = torch.where(free, products, 0.0).abs()
-    certified = (
-        (residual <= -neg_tolerance).all()
-        & ~info.any()
-        & (torch.linalg.cholesky_ex(ridged)[1] == 0)
-        & torch.isfinite(gramian.sum() + neg_lower_scale.sum())
-    )
-    if not bool(certified):
+    full_info = torch.linalg.cholesky_ex(torch.add(gramian, _identity(m), alpha=_RIDGE))[1]
+    residual_too_large = torch.where(free, products.abs() + neg_tolerance, zero) > 0
+    failures = residual_too_large.sum() + info.sum() + full_info
+    if bool(failures) or not bool(torch.isfinite(gramian.sum() + neg_lower_scale.sum())):
         return None
     return torch.where(free, offsets.clamp_min(0.0), 0.0)
+
+
+@functools.cache
+def _identity(size: int) -> Tensor:
+    """The float64 identity matrix on the CPU (cached: it is never written to)."""
+    return torch.eye(size, dtype=torch.float64)
 
 
 def _solve_gathered(problem: _Problem) -> Tensor:
