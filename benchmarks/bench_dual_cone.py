@@ -1,7 +1,7 @@
 """Time and accuracy of the dual-cone projections of ``UPGradWeighting``.
 
 For ``m`` in 2, 8, 32, 128, 512, on the float64 Gramian of a random ``m x 2m`` Jacobian of full
-rank and of rank ``max(1, m // 4)``, with 2 threads:
+rank and of rank ``max(1, m // 4)``, with 1 and with 2 threads:
 
 - ``ours_ms``: median time of ``UPGradWeighting()(G)`` (the default solver, ``"active_set"``);
 - ``quadprog_ms``: median time of ``UPGradWeighting(solver="quadprog")(G)``, the method of
@@ -33,7 +33,9 @@ from torchjd.aggregation._utils import normalize, regularize
 _SIZES = (2, 8, 32, 128, 512)
 _QUADPROG_SAMPLE = 16
 _FULL_QUADPROG_LIMIT = 128
+_THREADS = (1, 2)
 _COLUMNS = (
+    "threads",
     "m",
     "rank",
     "ours_ms",
@@ -74,16 +76,21 @@ def _quadprog_rows(gramian: Tensor, lower: Tensor) -> Tensor:
     return project_weights_quadprog(lower, gramian)
 
 
+def _repeats(m: int) -> int:
+    # Small problems take tens of microseconds: many repeats make the median stable.
+    return 3 if m >= 512 else 10 if m >= 128 else 200
+
+
 def _row(m: int, rank: int, has_quadprog: bool) -> dict[str, Any]:
     gramian = _gramian(m, rank, seed=m + rank)
-    repeats = 3 if m >= 512 else 10
-    ours = median_seconds(lambda: UPGradWeighting()(gramian), repeats=repeats, warmup=1)
+    ours = median_seconds(lambda: UPGradWeighting()(gramian), repeats=_repeats(m), warmup=2)
     # The problems UPGradWeighting solves: u_i e_i against the normalised, regularised Gramian.
     weights = torch.full((m,), 1 / m, dtype=torch.float64)
     lower = torch.diag(weights)
     regularized = regularize(normalize(gramian, 0.0001), 0.0001)
     solution = solve_dual_cone_qp(lower, regularized)
     row: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
         "m": m,
         "rank": rank,
         "ours_ms": ours * 1e3,
@@ -93,7 +100,9 @@ def _row(m: int, rank: int, has_quadprog: bool) -> dict[str, Any]:
         return row
     if m <= _FULL_QUADPROG_LIMIT:
         quadprog = median_seconds(
-            lambda: UPGradWeighting(solver="quadprog")(gramian), repeats=3, warmup=1
+            lambda: UPGradWeighting(solver="quadprog")(gramian),
+            repeats=max(3, _repeats(m) // 4),
+            warmup=1,
         )
         reference, sampled = _quadprog_rows(regularized, lower), slice(None)
         row["quadprog_estimated"] = False
@@ -109,13 +118,15 @@ def _row(m: int, rank: int, has_quadprog: bool) -> dict[str, Any]:
 
 
 def run() -> list[dict[str, Any]]:
-    set_threads(2)
     has_quadprog = importlib.util.find_spec("quadprog") is not None
-    rows = [
-        _row(m, rank, has_quadprog)
-        for m in _SIZES
-        for rank in sorted({m, max(1, m // 4)}, reverse=True)
-    ]
+    rows = []
+    for threads in _THREADS:
+        set_threads(threads)
+        rows += [
+            _row(m, rank, has_quadprog)
+            for m in _SIZES
+            for rank in sorted({m, max(1, m // 4)}, reverse=True)
+        ]
     print(format_table(rows, _COLUMNS))
     if not has_quadprog:
         print('quadprog is not installed (pip install "torchjd[quadprog]"): no comparison.')

@@ -34,6 +34,16 @@ solutions, which solve the problem regularised by ``δ ‖v − u‖²`` (a P-ma
 singular ``G``), drive the pivoting; the refined ones are tested. So a positive definite ``G`` gets
 the exact solution, and a singular one (a rank-deficient Jacobian with ``reg_eps=0``) a minimiser.
 
+Small problems. At small ``m`` the cost is the overhead of each torch operation (microseconds),
+not the arithmetic. On the CPU, problems with ``m ≤ 5`` (and at most 16 of them) are first solved
+in plain Python floats, one at a time, by block principal pivoting from the free sets
+``{j : (G u)_j < 0}``; problems with ``m ≤ 32`` by the same pivoting, batched, with about a dozen
+torch operations per round (full-size systems where a huge diagonal penalty pins the indices off
+the free set, no ridge, no warm start). Both certify their result (finite input, positive
+semi-definite ``G``, non-singular systems, optimality up to rounding errors) and otherwise leave
+the problem to the general method below. UPGrad and DualProj call them with their normalisation
+(trace, ``norm_eps``, ``reg_eps``) fused in.
+
 Devices. On the CPU, problems with ``m ≤ 5`` try all ``2^m`` free sets at once; otherwise the rows
 still in progress are gathered into systems of the size of their free sets (in batches of rows of
 similar sizes that fit in the cache) and the loop stops as soon as all are done, with a few host
