@@ -63,6 +63,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from ._utils import normalize, regularize
+
 SolverName = Literal["active_set", "quadprog"]
 SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
 
@@ -122,6 +124,31 @@ def check_solver(solver: object) -> SolverName:
 
         check_quadprog_available()
     return solver
+
+
+def project_onto_dual_cone(
+    lower: Tensor, gramian: Tensor, norm_eps: float, reg_eps: float, solver: SolverName
+) -> Tensor:
+    """The projections of UPGrad and DualProj: for each vector ``u`` (row of ``lower``, ``[k, m]``),
+    the minimiser of ``vᵀ G' v`` subject to ``v ≥ u``, with ``G' = G / trace(G) + reg_eps I``
+    (``reg_eps I`` if the trace is below ``norm_eps``).
+
+    With our solver, tiny and small CPU problems first go to the lean paths (whose normalisation
+    is fused with the solver's), and fall back to the general solver when those do not certify
+    their result.
+
+    :returns: The minimisers, ``[k, m]``, of the dtype and device of ``lower``.
+    """
+    if solver == "active_set":
+        if lower.device.type == "cpu" and gramian.shape[0] <= TINY_MAX_SIZE:
+            solutions = project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
+            if solutions is not None:
+                return torch.tensor(solutions, dtype=lower.dtype).reshape(lower.shape)
+        projections = project_small(lower, gramian, norm_eps, reg_eps)
+        if projections is not None:
+            return projections
+    regularized = regularize(normalize(gramian, norm_eps), reg_eps)
+    return project_weights(lower, regularized, solver)
 
 
 def project_weights(weights: Tensor, gramian: Tensor, solver: SolverName) -> Tensor:

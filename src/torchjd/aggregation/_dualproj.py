@@ -2,19 +2,10 @@ from __future__ import annotations
 
 from typing import cast
 
-import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import (
-    TINY_MAX_SIZE,
-    SolverName,
-    check_epsilon,
-    check_solver,
-    project_small,
-    project_tiny,
-    project_weights,
-)
+from ._dual_cone import SolverName, check_epsilon, check_solver, project_onto_dual_cone
 from ._mean import MeanWeighting
 from ._non_differentiable import mark_non_differentiable
 from ._pref_vector import pref_vector_to_weighting
@@ -22,9 +13,7 @@ from ._upgrad import _check_is_square
 from ._utils import (
     PSDMatrix,
     in_float32_if_low_precision,
-    normalize,
     pref_vector_suffix,
-    regularize,
 )
 from ._weighting_bases import Weighting
 
@@ -75,17 +64,10 @@ class DualProjWeighting(Weighting[PSDMatrix]):
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         _check_is_square(gramian)
         weights = self.weighting(gramian).to(dtype=gramian.dtype, device=gramian.device)
-        if self.solver == "active_set" and gramian.shape[0] <= TINY_MAX_SIZE:
-            lower = [weights.tolist()] if weights.device.type == "cpu" else []
-            solutions = project_tiny(lower, gramian, self.norm_eps, self.reg_eps)
-            if solutions is not None:
-                return torch.tensor(solutions[0], dtype=gramian.dtype)
-        if self.solver == "active_set":
-            projections = project_small(weights.unsqueeze(0), gramian, self.norm_eps, self.reg_eps)
-            if projections is not None:
-                return projections[0]
-        regularized = regularize(normalize(gramian, self.norm_eps), self.reg_eps)
-        return project_weights(weights, regularized, self.solver)
+        projections = project_onto_dual_cone(
+            weights.unsqueeze(0), gramian, self.norm_eps, self.reg_eps, self.solver
+        )
+        return projections[0]
 
 
 class DualProj(GramianWeightedAggregator):

@@ -6,24 +6,14 @@ import torch
 from torch import Tensor
 
 from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import (
-    TINY_MAX_SIZE,
-    SolverName,
-    check_epsilon,
-    check_solver,
-    project_small,
-    project_tiny,
-    project_weights,
-)
+from ._dual_cone import SolverName, check_epsilon, check_solver, project_onto_dual_cone
 from ._mean import MeanWeighting
 from ._non_differentiable import mark_non_differentiable
 from ._pref_vector import pref_vector_to_weighting
 from ._utils import (
     PSDMatrix,
     in_float32_if_low_precision,
-    normalize,
     pref_vector_suffix,
-    regularize,
 )
 from ._weighting_bases import Weighting
 
@@ -79,22 +69,11 @@ class UPGradWeighting(Weighting[PSDMatrix]):
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         _check_is_square(gramian)
         weights = self.weighting(gramian).to(dtype=gramian.dtype, device=gramian.device)
-        if self.solver == "active_set" and gramian.shape[0] <= TINY_MAX_SIZE:
-            entries = weights.tolist() if weights.device.type == "cpu" else []
-            lower = [
-                [entry if i == j else 0.0 for j in range(len(entries))]
-                for i, entry in enumerate(entries)
-            ]
-            solutions = project_tiny(lower, gramian, self.norm_eps, self.reg_eps)
-            if solutions is not None:
-                summed = [sum(column) for column in zip(*solutions)]
-                return torch.tensor(summed, dtype=gramian.dtype)
-        if self.solver == "active_set":
-            projections = project_small(torch.diag(weights), gramian, self.norm_eps, self.reg_eps)
-            if projections is not None:
-                return projections.sum(dim=0)
-        regularized = regularize(normalize(gramian, self.norm_eps), self.reg_eps)
-        return project_weights(torch.diag(weights), regularized, self.solver).sum(dim=0)
+        lower = torch.diag(weights)
+        projections = project_onto_dual_cone(
+            lower, gramian, self.norm_eps, self.reg_eps, self.solver
+        )
+        return projections.sum(dim=0)
 
 
 def _check_is_square(gramian: Tensor) -> None:
