@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ._base import Call
+
+_Item = TypeVar("_Item")
 
 _SIGNATURES: dict[type[nn.Module], inspect.Signature] = {}
 
@@ -203,3 +205,18 @@ def check_params(params: Sequence[str], known: Sequence[str], module: nn.Module)
             f"Expected `params` to name parameters of {type(module).__name__} among "
             f"{list(known)}; found {unknown}."
         )
+
+
+def sum_over_pairs(items: Sequence[_Item], pair: Callable[[_Item, _Item], Tensor]) -> Tensor:
+    """``Σ_{u,v} pair(items[u], items[v])`` for a ``pair`` with ``pair(b, a) = pair(a, b)ᵀ``: the
+    Gramian of rows summed over several calls, each cross term computed once."""
+    total: Tensor | None = None
+    for u, first in enumerate(items):
+        part = pair(first, first)
+        for second in items[u + 1 :]:
+            cross = pair(first, second)
+            part = part + cross + cross.T
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("Expected at least one call.")
+    return total

@@ -40,6 +40,7 @@ from ._common import (
     first_argument,
     leading_axes,
     seed_count,
+    sum_over_pairs,
     weighted_calls,
 )
 from ._registry import register_rule
@@ -126,15 +127,7 @@ def _ghost_pair(first: _Lookup, second: _Lookup) -> Tensor:
 
 
 def _ghost_gramian(lookups: Sequence[_Lookup]) -> Tensor:
-    result: Tensor | None = None
-    for u, first in enumerate(lookups):
-        part = _ghost_pair(first, first)
-        for second in lookups[u + 1 :]:
-            cross = _ghost_pair(first, second)
-            part = part + cross + cross.T
-        result = part if result is None else result + part
-    assert result is not None
-    return result
+    return sum_over_pairs(lookups, _ghost_pair)
 
 
 def _vocabulary_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:

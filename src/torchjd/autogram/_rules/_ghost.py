@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._common import sum_over_pairs
+
 
 @dataclass(eq=False)
 class SequenceTerm:
@@ -178,12 +180,4 @@ def ghost_gramian(terms: Sequence[SequenceTerm], batched: bool) -> Tensor:
     """The ``[R, R]`` Gramian of the weight rows by the ghost form (cross terms included)."""
     if not batched:
         terms = [_flatten_samples(term) for term in terms]
-    result: Tensor | None = None
-    for u, first in enumerate(terms):
-        part = _ghost_pair(first, first)
-        for second in terms[u + 1 :]:
-            cross = _ghost_pair(first, second)
-            part = part + cross + cross.T
-        result = part if result is None else result + part
-    assert result is not None
-    return result
+    return sum_over_pairs(terms, _ghost_pair)

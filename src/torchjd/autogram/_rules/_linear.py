@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import Call, GramianRule
+from ._common import sum_over_pairs
 from ._registry import register_rule
 
 # Bounds the elements of one chunk of the ghost form's [rows, R, T, T'] intermediate.
@@ -367,15 +368,7 @@ def _per_sample_cost(terms: Sequence[_Term]) -> int:
 
 def _ghost_gramian(terms: Sequence[_Term]) -> Tensor:
     """``Σ_{u,v} G^{uv}`` with ``G^{uv}[r, s] = ⟨X_u,i X_v,jᵀ, D_u,r D_v,sᵀ⟩``."""
-    total: Tensor | None = None
-    for u, first in enumerate(terms):
-        part = _ghost_pair(first, first)
-        for second in terms[u + 1 :]:
-            cross = _ghost_pair(first, second)
-            part = part + cross + cross.T
-        total = part if total is None else total + part
-    assert total is not None
-    return total
+    return sum_over_pairs(terms, _ghost_pair)
 
 
 def _ghost_pair(first: _Term, second: _Term) -> Tensor:
