@@ -192,7 +192,9 @@ def test_subproblem_is_solved_exactly(matrix: Tensor, c: float) -> None:
     assert abs(weights.sum().item() - 1.0) <= 1e-12
     reference, _ = problem.scipy_minimum()
     norm = (problem.rows.T @ weights).norm().item()
-    if norm <= 1e-9:
+    # At the origin the objective is not differentiable (a norm): the solver locates it to about
+    # 1e-9 of the rows' scale, not to rounding level.
+    if norm <= 1e-8 * problem.rows.norm(dim=1).max().item():
         # The solver found the origin (CAGrad then returns zeros): its value 0 must be optimal.
         assert reference >= -1e-10
     else:
