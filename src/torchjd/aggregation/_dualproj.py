@@ -1,24 +1,12 @@
 from __future__ import annotations
 
-from typing import cast
-
 from torch import Tensor
 
-from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import SolverName, check_epsilon, check_solver, project_onto_dual_cone
-from ._mean import MeanWeighting
-from ._non_differentiable import mark_non_differentiable
-from ._pref_vector import pref_vector_to_weighting
-from ._upgrad import _check_is_square
-from ._utils import (
-    PSDMatrix,
-    in_float32_if_low_precision,
-    pref_vector_suffix,
-)
-from ._weighting_bases import Weighting
+from ._dual_cone import SolverName
+from ._dual_cone_bases import DualConeAggregator, DualConeWeighting
 
 
-class DualProjWeighting(Weighting[PSDMatrix]):
+class DualProjWeighting(DualConeWeighting):
     r"""Weights of DualProj (the projection of GEM, `Gradient Episodic Memory for Continual
     Learning <https://arxiv.org/abs/1706.08840>`_, Eq. 11), from the Gramian ``G`` of the rows.
 
@@ -46,31 +34,16 @@ class DualProjWeighting(Weighting[PSDMatrix]):
     tensor([0.6109, 0.5000])
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
-        reg_eps: float = 0.0001,
-        solver: SolverName = "active_set",
-    ) -> None:
-        super().__init__()
-        self._pref_vector = pref_vector
-        self.weighting = pref_vector_to_weighting(pref_vector, default=MeanWeighting())
-        self.norm_eps = check_epsilon("norm_eps", norm_eps)
-        self.reg_eps = check_epsilon("reg_eps", reg_eps)
-        self.solver = check_solver(solver)
+    @staticmethod
+    def _lower_bounds(weights: Tensor) -> Tensor:
+        return weights.unsqueeze(0)
 
-    @in_float32_if_low_precision
-    def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        _check_is_square(gramian)
-        weights = self.weighting(gramian).to(dtype=gramian.dtype, device=gramian.device)
-        projections = project_onto_dual_cone(
-            weights.unsqueeze(0), gramian, self.norm_eps, self.reg_eps, self.solver
-        )
+    @staticmethod
+    def _reduce(projections: Tensor) -> Tensor:
         return projections[0]
 
 
-class DualProj(GramianWeightedAggregator):
+class DualProj(DualConeAggregator):
     r"""DualProj: projects the preference-weighted combination of the rows (by default their mean)
     onto the dual cone of the rows, see :class:`DualProjWeighting`. The result conflicts with none
     of the rows. Not differentiable.
@@ -95,15 +68,3 @@ class DualProj(GramianWeightedAggregator):
         solver: SolverName = "active_set",
     ) -> None:
         super().__init__(DualProjWeighting(pref_vector, norm_eps, reg_eps, solver))
-        self._pref_vector = pref_vector
-        mark_non_differentiable(self)
-
-    def __repr__(self) -> str:
-        weighting = cast(DualProjWeighting, self.gramian_weighting)
-        return (
-            f"{self.__class__.__name__}(pref_vector={self._pref_vector!r}, norm_eps="
-            f"{weighting.norm_eps}, reg_eps={weighting.reg_eps}, solver={weighting.solver!r})"
-        )
-
-    def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_suffix(self._pref_vector)}"

@@ -1,24 +1,13 @@
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from torch import Tensor
 
-from ._aggregator_bases import GramianWeightedAggregator
-from ._dual_cone import SolverName, check_epsilon, check_solver, project_onto_dual_cone
-from ._mean import MeanWeighting
-from ._non_differentiable import mark_non_differentiable
-from ._pref_vector import pref_vector_to_weighting
-from ._utils import (
-    PSDMatrix,
-    in_float32_if_low_precision,
-    pref_vector_suffix,
-)
-from ._weighting_bases import Weighting
+from ._dual_cone import SolverName
+from ._dual_cone_bases import DualConeAggregator, DualConeWeighting
 
 
-class UPGradWeighting(Weighting[PSDMatrix]):
+class UPGradWeighting(DualConeWeighting):
     r"""Weights of UPGrad (Unconflicting Projection of Gradients, `Jacobian Descent for
     Multi-Objective Optimization <https://arxiv.org/abs/2406.16232>`_), from the Gramian ``G`` of
     the rows.
@@ -51,40 +40,16 @@ class UPGradWeighting(Weighting[PSDMatrix]):
     tensor([1.1109, 0.7894])
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
-        reg_eps: float = 0.0001,
-        solver: SolverName = "active_set",
-    ) -> None:
-        super().__init__()
-        self._pref_vector = pref_vector
-        self.weighting = pref_vector_to_weighting(pref_vector, default=MeanWeighting())
-        self.norm_eps = check_epsilon("norm_eps", norm_eps)
-        self.reg_eps = check_epsilon("reg_eps", reg_eps)
-        self.solver = check_solver(solver)
+    @staticmethod
+    def _lower_bounds(weights: Tensor) -> Tensor:
+        return torch.diag(weights)
 
-    @in_float32_if_low_precision
-    def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        _check_is_square(gramian)
-        weights = self.weighting(gramian).to(dtype=gramian.dtype, device=gramian.device)
-        lower = torch.diag(weights)
-        projections = project_onto_dual_cone(
-            lower, gramian, self.norm_eps, self.reg_eps, self.solver
-        )
+    @staticmethod
+    def _reduce(projections: Tensor) -> Tensor:
         return projections.sum(dim=0)
 
 
-def _check_is_square(gramian: Tensor) -> None:
-    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
-        raise ValueError(
-            f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
-            f"{gramian.shape}`."
-        )
-
-
-class UPGrad(GramianWeightedAggregator):
+class UPGrad(DualConeAggregator):
     r"""UPGrad (Unconflicting Projection of Gradients, `Jacobian Descent for Multi-Objective
     Optimization <https://arxiv.org/abs/2406.16232>`_): projects each row onto the dual cone of
     all the rows and combines the projections with the preference weights, see
@@ -111,15 +76,3 @@ class UPGrad(GramianWeightedAggregator):
         solver: SolverName = "active_set",
     ) -> None:
         super().__init__(UPGradWeighting(pref_vector, norm_eps, reg_eps, solver))
-        self._pref_vector = pref_vector
-        mark_non_differentiable(self)
-
-    def __repr__(self) -> str:
-        weighting = cast(UPGradWeighting, self.gramian_weighting)
-        return (
-            f"{self.__class__.__name__}(pref_vector={self._pref_vector!r}, norm_eps="
-            f"{weighting.norm_eps}, reg_eps={weighting.reg_eps}, solver={weighting.solver!r})"
-        )
-
-    def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_suffix(self._pref_vector)}"
