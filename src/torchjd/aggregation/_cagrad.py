@@ -9,7 +9,7 @@ from torch import Tensor
 from ._aggregator_bases import GramianWeightedAggregator
 from ._non_differentiable import mark_non_differentiable
 from ._simplex_qp import affine_minimizer, minimize_over_simplex
-from ._utils import PSDMatrix, in_float32_if_low_precision, normalize
+from ._utils import PSDMatrix, check_is_square_matrix, in_float32_if_low_precision, normalize
 from ._weighting_bases import Weighting
 
 # Below this norm (in the units of the trace-normalised Gramian), the minimiser of CAGrad's
@@ -62,7 +62,7 @@ class CAGradWeighting(Weighting[PSDMatrix]):
 
     @in_float32_if_low_precision
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        _check_is_square(gramian)
+        check_is_square_matrix(gramian)
         # The solver branches on the data: the m x m Gramian goes to the host once.
         host_gramian = gramian.detach().to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(host_gramian).all()):
@@ -107,14 +107,6 @@ class CAGrad(GramianWeightedAggregator):
     def __str__(self) -> str:
         # Mirrors the original, including its quirk: `c=10` prints as `CAGrad1`.
         return f"CAGrad{str(self._c).rstrip('0')}"
-
-
-def _check_is_square(gramian: Tensor) -> None:
-    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
-        raise ValueError(
-            "Parameter `gramian` should be a square matrix (a tensor of shape `[m, m]`). Found "
-            f"`gramian.shape = {gramian.shape}`."
-        )
 
 
 def _cagrad_weights(gramian: Tensor, c: float, norm_eps: float) -> Tensor:

@@ -63,7 +63,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from ._utils import normalize, regularize
+from ._utils import check_is_square_matrix, normalize, regularize
 
 SolverName = Literal["active_set", "quadprog"]
 SOLVERS: tuple[SolverName, ...] = get_args(SolverName)
@@ -242,11 +242,7 @@ def _positive_semi_definite_part(gramian: Tensor) -> Tensor:
 
 
 def _check_shapes(weights: Tensor, gramian: Tensor) -> None:
-    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
-        raise ValueError(
-            f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
-            f"{gramian.shape}`."
-        )
+    check_is_square_matrix(gramian)
     if weights.ndim == 0 or weights.shape[-1] != gramian.shape[0]:
         raise ValueError(
             "Parameter `weights` should have a last dimension of the size of `gramian`. Found "

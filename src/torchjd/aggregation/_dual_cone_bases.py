@@ -16,7 +16,12 @@ from ._dual_cone import SolverName, check_epsilon, check_solver, project_onto_du
 from ._mean import MeanWeighting
 from ._non_differentiable import mark_non_differentiable
 from ._pref_vector import pref_vector_to_weighting
-from ._utils import PSDMatrix, in_float32_if_low_precision, pref_vector_suffix
+from ._utils import (
+    PSDMatrix,
+    check_is_square_matrix,
+    in_float32_if_low_precision,
+    pref_vector_suffix,
+)
 from ._weighting_bases import Weighting
 
 
@@ -51,11 +56,7 @@ class DualConeWeighting(Weighting[PSDMatrix]):
 
     @in_float32_if_low_precision
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
-            raise ValueError(
-                f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
-                f"{gramian.shape}`."
-            )
+        check_is_square_matrix(gramian)
         weights = self.weighting(gramian).to(dtype=gramian.dtype, device=gramian.device)
         projections = project_onto_dual_cone(
             self._lower_bounds(weights), gramian, self.norm_eps, self.reg_eps, self.solver

@@ -22,6 +22,15 @@ def compute_gramian(matrix: Tensor) -> Tensor:
     return matrix @ matrix.T
 
 
+def check_is_square_matrix(gramian: Tensor) -> None:
+    """Raise a ``ValueError`` naming ``gramian`` unless it is a square matrix."""
+    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(
+            "Parameter `gramian` should be a square matrix (a tensor of shape `[m, m]`). Found "
+            f"`gramian.shape = {gramian.shape}`."
+        )
+
+
 def normalize(gramian: Tensor, eps: float) -> Tensor:
     """Divide ``gramian`` by its trace, or return zeros when the trace is below ``eps``.
 
