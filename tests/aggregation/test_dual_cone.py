@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import torchjd.aggregation._dual_cone as dual_cone
+import torchjd.aggregation._dual_cone_small as dual_cone_small
 from torchjd.aggregation._dual_cone import (
     SOLVERS,
     _Problem,
@@ -286,7 +287,7 @@ def test_bad_inputs_are_rejected() -> None:
 
 def test_not_converging_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dual_cone, "_max_rounds", lambda m: 1)
-    monkeypatch.setattr(dual_cone, "_SMALL_MAX_ROUNDS", 1)
+    monkeypatch.setattr(dual_cone_small, "_SMALL_MAX_ROUNDS", 1)
     gramian = _normalized(sample_matrix(10, 10, seed=0))
     with pytest.raises(RuntimeError, match="did not converge"):
         solve_dual_cone_qp(_upgrad_lower(10, torch.Generator().manual_seed(0)), gramian)
@@ -492,8 +493,8 @@ def test_lawson_hanson_does_not_cycle_on_a_singular_gramian() -> None:
 
 
 def _general_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dual_cone, "TINY_MAX_SIZE", 0)
-    monkeypatch.setattr(dual_cone, "_SMALL_MAX_SIZE", 0)
+    monkeypatch.setattr(dual_cone_small, "TINY_MAX_SIZE", 0)
+    monkeypatch.setattr(dual_cone_small, "SMALL_MAX_SIZE", 0)
 
 
 @settings(max_examples=30, deadline=None)
@@ -527,11 +528,11 @@ def test_fused_normalisation_of_the_small_paths(m: int, norm_eps: float, reg_eps
     with pytest.MonkeyPatch.context() as monkeypatch:
         _general_path(monkeypatch)
         expected = solve_dual_cone_qp(lower, regularized)
-    small = dual_cone.project_small(lower, gramian, norm_eps, reg_eps)
+    small = dual_cone_small.project_small(lower, gramian, norm_eps, reg_eps)
     assert small is not None
     assert_close(small, expected, atol=1e-15, rtol=1e-9)
-    tiny = dual_cone.project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
-    if m <= dual_cone.TINY_MAX_SIZE:
+    tiny = dual_cone_small.project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
+    if m <= dual_cone_small.TINY_MAX_SIZE:
         assert tiny is not None
         assert_close(torch.tensor(tiny, dtype=torch.float64), expected, atol=1e-15, rtol=1e-9)
     else:
@@ -545,13 +546,13 @@ def test_small_paths_leave_hard_inputs_to_the_general_path() -> None:
     not_finite[0, 1] = float("nan")
     zero = torch.zeros(3, 3, dtype=torch.float64)
     for gramian in (indefinite, not_finite, zero):
-        assert dual_cone._solve_small(lower, gramian) is None
-        assert dual_cone._solve_tiny(lower.tolist(), gramian.tolist()) is None
+        assert dual_cone_small.solve_small(lower, gramian) is None
+        assert dual_cone_small.solve_tiny(lower.tolist(), gramian.tolist()) is None
         # With norm_eps=0, a zero trace is not "small": G / 0 is left to the general path.
-        assert dual_cone.project_small(lower, gramian, 0.0, 0.0) is None
-        assert dual_cone.project_tiny(lower.tolist(), gramian, 0.0, 0.0) is None
-    big = torch.eye(dual_cone._SMALL_MAX_SIZE + 1, dtype=torch.float64)
-    assert dual_cone.project_small(big, big, 1e-4, 1e-4) is None
+        assert dual_cone_small.project_small(lower, gramian, 0.0, 0.0) is None
+        assert dual_cone_small.project_tiny(lower.tolist(), gramian, 0.0, 0.0) is None
+    big = torch.eye(dual_cone_small.SMALL_MAX_SIZE + 1, dtype=torch.float64)
+    assert dual_cone_small.project_small(big, big, 1e-4, 1e-4) is None
     # Through the solver: the general path gives the errors (or the clipped or trivial answer).
     with pytest.raises(ValueError, match="positive semi-definite"):
         solve_dual_cone_qp(lower, indefinite)
@@ -564,7 +565,7 @@ def test_small_paths_keep_the_dtype_and_carry_no_gradient() -> None:
     matrix = sample("full", 4, 3, seed=0)  # type: ignore[arg-type]
     gramian = (matrix @ matrix.T).float().requires_grad_()
     lower = torch.eye(4, requires_grad=True)
-    small = dual_cone.project_small(lower, gramian, 1e-4, 1e-4)
+    small = dual_cone_small.project_small(lower, gramian, 1e-4, 1e-4)
     assert small is not None
     assert small.dtype == torch.float32 and not small.requires_grad
     assert (small >= lower).all()

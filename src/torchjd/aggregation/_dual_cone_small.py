@@ -1,0 +1,258 @@
+"""The dual-cone projections of small problems on the CPU, where the overhead of each torch
+operation (microseconds) costs more than the arithmetic.
+
+Two paths, both block principal pivoting from the free sets ``{j : (G u)_j < 0}`` (see
+:mod:`torchjd.aggregation._dual_cone` for the problem and the method): problems with ``m ≤ 5``
+(and at most 16 of them) in plain Python floats, one at a time; problems with ``m ≤ 32`` batched,
+with about a dozen torch operations per round (full-size systems where a huge diagonal penalty
+pins the indices off the free set, no ridge, no warm start). Both certify their result (finite
+input, positive semi-definite ``G``, non-singular systems, optimality up to rounding errors) and
+otherwise return ``None``, leaving the problem to the general solver. UPGrad and DualProj call them
+with their normalisation (trace, ``norm_eps``, ``reg_eps``) fused in.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import torch
+from torch import Tensor
+
+# The same constants as the general solver's: sign tests accept errors of up to this many times
+# `m * ε` times the natural scale, and G + ridge I (relative to the trace) must factorise for G to
+# be taken as positive semi-definite.
+_TOLERANCE = 4.0
+_RIDGE = 1e-10
+# Up to this size, the CPU path first tries a lean block principal pivoting (few torch operations
+# per round, no warm start): at small sizes, the per-operation overhead of torch is the cost.
+SMALL_MAX_SIZE = 32
+_SMALL_MAX_ROUNDS = 12
+# Up to this size and number of problems, the CPU path first solves the problems one by one in
+# plain Python floats (IEEE float64, like torch's): faster than any sequence of torch operations.
+TINY_MAX_SIZE = 5
+TINY_MAX_ROWS = 16
+# Added to the diagonal of the systems off the free sets (see `solve_small`).
+_PENALTY = 1e24
+_FLOAT64_EPS = 2.0**-52
+
+
+def project_tiny(
+    lower: list[list[float]], gramian: Tensor, norm_eps: float, reg_eps: float
+) -> list[list[float]] | None:
+    """The projections of UPGrad and DualProj for tiny CPU problems, all in Python floats: each
+    torch operation costs microseconds, more than the whole solve at this size. For the vectors
+    ``u`` of ``lower`` (``m`` entries each), return the minimisers of ``vᵀ G' v`` subject to
+    ``v ≥ u``, with ``G' = G / trace(G) + reg_eps I`` (``reg_eps I`` if the trace is below
+    ``norm_eps``); or ``None`` if the problem is not tiny, not on the CPU, or not certified solved
+    (then the caller uses the general path).
+    """
+    m = gramian.shape[0]
+    if gramian.device.type != "cpu" or m > TINY_MAX_SIZE or len(lower) > TINY_MAX_ROWS:
+        return None
+    # Reading a CPU tensor into Python floats is a copy, not a synchronisation.
+    entries = gramian.detach().tolist()
+    trace = sum(entries[i][i] for i in range(m))
+    if trace < norm_eps:
+        scale = 0.0
+    elif trace > 0.0 and math.isfinite(trace):
+        scale = 1.0 / trace
+    else:
+        return None
+    regularized = [[entry * scale for entry in row] for row in entries]
+    for i in range(m):
+        regularized[i][i] += reg_eps
+    return solve_tiny(lower, regularized)
+
+
+def solve_tiny(lower: list[list[float]], gramian: list[list[float]]) -> list[list[float]] | None:
+    """CPU path for tiny problems, in Python floats: the same block principal pivoting as
+    :func:`solve_small`, one problem at a time, with a Cholesky factorisation of ``G_FF`` per
+    free set (shared by the rows). Returns the minimisers ``v``, or ``None`` when the result cannot
+    be certified cheaply (non-finite or not clearly positive semi-definite input, a singular
+    system, no convergence in a few rounds): the general path then decides."""
+    m = len(gramian)
+    columns = range(m)
+    trace = sum(gramian[i][i] for i in columns)
+    # Infinite or NaN if an entry is (or if the sum overflows: left to the general path too).
+    total = sum(map(sum, gramian)) + sum(map(sum, lower))
+    if not (trace > 0.0 and math.isfinite(total)):
+        return None
+    half_inverse = 0.5 / trace
+    g = [
+        [(entry + transposed) * half_inverse for entry, transposed in zip(row, column)]
+        for row, column in zip(gramian, zip(*gramian))
+    ]
+    # Not clearly positive semi-definite: the general path raises or clips.
+    ridged = [row.copy() for row in g]
+    for i in columns:
+        ridged[i][i] += _RIDGE
+    if _cholesky(ridged, tuple(columns)) is None:
+        return None
+    unit_error = _TOLERANCE * m * _FLOAT64_EPS
+    factors: dict[tuple[int, ...], list[list[float]] | None] = {}
+    solutions = []
+    for u in lower:
+        linear = [0.0] * m
+        for k in columns:
+            if u[k] != 0.0:
+                value = u[k]
+                linear = [entry + value * g_kj for entry, g_kj in zip(linear, g[k])]
+        lower_scale = sum(map(abs, u))
+        free = [entry < 0.0 for entry in linear]
+        for _ in range(_SMALL_MAX_ROUNDS):
+            indices = tuple(j for j in columns if free[j])
+            if indices in factors:
+                factor = factors[indices]
+            else:
+                factor = factors[indices] = _cholesky(g, indices)
+            if factor is None:
+                return None
+            free_offsets = _cholesky_solve(factor, [-linear[j] for j in indices])
+            offsets = [0.0] * m
+            products = linear
+            for index, value in zip(indices, free_offsets):
+                offsets[index] = value
+                products = [entry + value * g_ij for entry, g_ij in zip(products, g[index])]
+            tolerance = unit_error * (lower_scale + sum(map(abs, free_offsets)))
+            wrong = [
+                (offset if is_free else product) < -tolerance
+                for offset, product, is_free in zip(offsets, products, free)
+            ]
+            if not any(wrong):
+                break
+            free = [is_free != is_wrong for is_free, is_wrong in zip(free, wrong)]
+        else:
+            return None
+        if any(abs(products[j]) > tolerance for j in indices):
+            return None
+        solutions.append([bound + max(offset, 0.0) for bound, offset in zip(u, offsets)])
+    return solutions
+
+
+def _cholesky(matrix: list[list[float]], indices: tuple[int, ...]) -> list[list[float]] | None:
+    """The lower Cholesky factor of ``matrix[indices][:, indices]``, or ``None`` if a pivot is not
+    positive (or not finite)."""
+    factor: list[list[float]] = []
+    for a, index in enumerate(indices):
+        row = matrix[index]
+        factor_a: list[float] = []
+        for c in range(a):
+            factor_c = factor[c]
+            factor_a.append(
+                (row[indices[c]] - sum(map(operator.mul, factor_a, factor_c))) / factor_c[c]
+            )
+        pivot = row[index] - sum(map(operator.mul, factor_a, factor_a))
+        if not (pivot > 0.0 and math.isfinite(pivot)):
+            return None
+        factor_a.append(math.sqrt(pivot))
+        factor.append(factor_a)
+    return factor
+
+
+def _cholesky_solve(factor: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve ``L Lᵀ x = rhs`` for the lower triangular ``L`` given by its rows."""
+    size = len(rhs)
+    forward: list[float] = []
+    for a in range(size):
+        factor_a = factor[a]
+        forward.append((rhs[a] - sum(map(operator.mul, factor_a, forward))) / factor_a[a])
+    solution = [0.0] * size
+    for a in range(size - 1, -1, -1):
+        dot = sum(factor[t][a] * solution[t] for t in range(a + 1, size))
+        solution[a] = (forward[a] - dot) / factor[a][a]
+    return solution
+
+
+def project_small(lower: Tensor, gramian: Tensor, norm_eps: float, reg_eps: float) -> Tensor | None:
+    """The projections of UPGrad and DualProj for small CPU problems: for the vectors ``u`` of
+    ``lower`` (``[b, m]``, the dtype of ``gramian``), the minimisers of ``vᵀ G' v`` subject to
+    ``v ≥ u``, with ``G' = G / trace(G) + reg_eps I`` (``reg_eps I`` if the trace is below
+    ``norm_eps``), by :func:`solve_small`, the normalisation fused with the solver's own; or
+    ``None`` if the problem is not small, not on the CPU, or not certified solved (then the caller
+    uses the general path)."""
+    m = gramian.shape[0]
+    if gramian.device.type != "cpu" or m > SMALL_MAX_SIZE or m == 0:
+        return None
+    with torch.no_grad():
+        lower = lower.detach()
+        offsets = solve_small(lower.to(torch.float64), gramian.detach(), norm_eps, reg_eps)
+    if offsets is None:
+        return None
+    return (lower + offsets).to(lower.dtype)
+
+
+def solve_small(
+    lower: Tensor, gramian: Tensor, norm_eps: float | None = None, reg_eps: float = 0.0
+) -> Tensor | None:
+    """CPU path for small ``m``, with as few torch operations as possible (each costs a few
+    microseconds, more than the arithmetic): block principal pivoting from the free sets
+    ``{j : (G u)_j < 0}``, every round one batched Cholesky factorisation of full-size systems,
+    exact (no ridge). Returns the offsets ``x = v − u``, or ``None`` if the result cannot be
+    certified cheaply (non-finite or not clearly positive semi-definite input, a singular system,
+    no convergence in a few rounds): the general path then decides. With ``norm_eps``, ``G`` is
+    first replaced by ``G / trace(G) + reg_eps I`` (``reg_eps I`` if the trace is below
+    ``norm_eps``), as UPGrad and DualProj do.
+
+    The systems are ``(G + M D) x = −G u`` with ``D`` the diagonal indicator of the indices off
+    the free set ``F`` and ``M`` huge: ``x`` is zero off ``F`` and solves ``G_FF x_F = −(G u)_F``
+    up to ``1/M``, far below rounding errors, without masking the matrices or the right-hand sides.
+
+    A returned ``x`` satisfies the optimality conditions up to rounding errors: ``x ≥ 0`` (after
+    clamping entries that are negative by rounding), ``y = G v ≥ 0``, ``y = 0`` on the free set."""
+    m = gramian.shape[0]
+    # A read on the CPU, not a synchronisation; the scalars of the normalisation are then free.
+    trace = float(torch.trace(gramian))
+    scale, ridge = 1.0, 0.0
+    if norm_eps is not None:
+        if trace < norm_eps:
+            scale = 0.0
+        elif trace > 0.0 and math.isfinite(trace):
+            scale = 1.0 / trace
+        else:
+            return None
+        ridge = reg_eps
+    total = scale * trace + m * ridge
+    if not (total > 0.0 and math.isfinite(total)):
+        return None
+    gramian = gramian.to(torch.float64)
+    gramian = torch.add(gramian, gramian.T).mul_(0.5 * scale / total)
+    if ridge > 0.0:
+        gramian.diagonal().add_(ridge / total)
+    linear = lower @ gramian
+    neg_linear = (-linear).unsqueeze(2)
+    unit_error = _TOLERANCE * m * _FLOAT64_EPS
+    # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
+    neg_lower_scale = torch.linalg.vector_norm(lower, 1, dim=1, keepdim=True).mul_(-unit_error)
+    free = linear < 0
+    zero = gramian.new_zeros(())
+    for _ in range(_SMALL_MAX_ROUNDS):
+        penalties = torch.where(free, zero, _PENALTY)
+        factor, info = torch.linalg.cholesky_ex(torch.diag_embed(penalties).add_(gramian))
+        offsets = torch.cholesky_solve(neg_linear, factor).squeeze(2)
+        products = torch.addmm(linear, offsets, gramian)
+        neg_tolerance = torch.add(
+            neg_lower_scale,
+            torch.linalg.vector_norm(offsets, 1, dim=1, keepdim=True),
+            alpha=-unit_error,
+        )
+        wrong = torch.where(free, offsets, products) < neg_tolerance
+        if not bool(wrong.any()):
+            break
+        free = free ^ wrong
+    else:
+        return None
+    # Certificate: finite, non-singular free systems, y_F at rounding level, G not indefinite.
+    full_info = torch.linalg.cholesky_ex(torch.add(gramian, _identity(m), alpha=_RIDGE))[1]
+    residual_too_large = torch.where(free, products.abs() + neg_tolerance, zero) > 0
+    failures = residual_too_large.sum() + info.sum() + full_info
+    if bool(failures) or not bool(torch.isfinite(gramian.sum() + neg_lower_scale.sum())):
+        return None
+    return torch.where(free, offsets.clamp_min(0.0), 0.0)
+
+
+@functools.cache
+def _identity(size: int) -> Tensor:
+    """The float64 identity matrix on the CPU (cached: it is never written to)."""
+    return torch.eye(size, dtype=torch.float64)
