@@ -7,6 +7,7 @@ needs nothing but torch), and quadprog when it is installed (parity tests only).
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -569,3 +570,113 @@ def test_small_paths_keep_the_dtype_and_carry_no_gradient() -> None:
     assert small is not None
     assert small.dtype == torch.float32 and not small.requires_grad
     assert (small >= lower).all()
+
+
+def _conflicting(m: int, centring: float, seed: int) -> Tensor:
+    """A Jacobian whose rows conflict like per-sample gradients in IWRM: random rows with
+    ``centring`` times their mean removed (at 0.8, about 90% of the constraints of UPGrad's
+    problems are inactive at the solution, as on the Gramians of real models)."""
+    rows = torch.randn(m, 2 * m, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return rows - centring * rows.mean(dim=0, keepdim=True)
+
+
+class _ComplementCalls:
+    """Counts the rows solved through the complement of their free set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, always: bool | None) -> None:
+        self.rows = 0
+        solve = dual_cone._ComplementSolver.solve
+        is_cheaper = dual_cone._ComplementSolver.is_cheaper
+
+        def counting_solve(
+            solver: dual_cone._ComplementSolver, free: Tensor, rhs: Tensor, start: Tensor
+        ) -> tuple[Tensor, Tensor]:
+            self.rows += free.shape[0]
+            return solve(solver, free, rhs, start)
+
+        def forced(solver: dual_cone._ComplementSolver, free: Tensor) -> Tensor:
+            if always is None:
+                return is_cheaper(solver, free)
+            return torch.full((free.shape[0],), always)
+
+        monkeypatch.setattr(dual_cone._ComplementSolver, "solve", counting_solve)
+        monkeypatch.setattr(dual_cone._ComplementSolver, "is_cheaper", forced)
+
+
+@pytest.mark.parametrize("m", [40, 96])
+@pytest.mark.parametrize("centring", [0.0, 0.8, 1.0])
+@pytest.mark.parametrize("upgrad", [True, False])
+def test_complement_path_agrees_with_the_gathered_path(
+    m: int, centring: float, upgrad: bool
+) -> None:
+    gramian = _normalized(_conflicting(m, centring, seed=m))
+    generator = torch.Generator().manual_seed(m)
+    lower = (
+        _upgrad_lower(m, generator)
+        if upgrad
+        else torch.randn(5, m, dtype=torch.float64, generator=generator)
+    )
+    solutions = []
+    for always in (True, False):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            _general_path(monkeypatch)
+            calls = _ComplementCalls(monkeypatch, always)
+            solutions.append(solve_dual_cone_qp(lower, gramian))
+        assert (calls.rows > 0) == always
+    through_complement, gathered = solutions
+    assert _kkt_violation(gramian, lower, through_complement) <= 1e-11
+    assert_close(through_complement, gathered, atol=0.0, rtol=1e-10, scale=_scale(gathered, lower))
+
+
+def test_complement_path_is_chosen_when_most_constraints_are_inactive() -> None:
+    gramian = _normalized(_conflicting(96, 0.8, seed=0))
+    lower = _upgrad_lower(96, torch.Generator().manual_seed(0))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = _ComplementCalls(monkeypatch, always=None)
+        solution = solve_dual_cone_qp(lower, gramian)
+    assert calls.rows >= 96
+    assert ((solution - lower) > 0).double().mean() > 0.8
+    assert _kkt_violation(gramian, lower, solution) <= 1e-11
+
+
+def test_complement_path_needs_a_well_conditioned_gramian() -> None:
+    lower = torch.eye(40, dtype=torch.float64)
+    singular = _normalized(_conflicting(40, 1.0, seed=0), reg_eps=0.0)
+    ill_conditioned = _normalized(sample_matrix(40, 20, seed=0), reg_eps=1e-12)
+    well_conditioned = _normalized(_conflicting(40, 1.0, seed=0))
+    for gramian in (singular, ill_conditioned):
+        assert dual_cone._ComplementSolver.of(_Problem(gramian, lower)) is None
+    assert dual_cone._ComplementSolver.of(_Problem(well_conditioned, lower)) is not None
+    # Rank-deficient Gramians are then solved by the gathered systems.
+    solution = solve_dual_cone_qp(lower, singular)
+    assert _kkt_violation(singular, lower, solution) <= 1e-9
+
+
+def test_failed_complement_rows_are_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
+    gramian = _normalized(_conflicting(48, 0.8, seed=1))
+    lower = _upgrad_lower(48, torch.Generator().manual_seed(1))
+    expected = solve_dual_cone_qp(lower, gramian)
+    solve_chunk = dual_cone._ComplementSolver._solve_chunk
+
+    def failing_odd_rows(
+        solver: dual_cone._ComplementSolver, free: Tensor, rhs: Tensor, start: Tensor, size: int
+    ) -> tuple[Tensor, Tensor]:
+        solutions, failed = solve_chunk(solver, free, rhs, start, size)
+        failed = failed.clone()
+        failed[1::2] = True
+        return solutions.clone().index_fill_(0, torch.arange(1, free.shape[0], 2), math.nan), failed
+
+    monkeypatch.setattr(dual_cone._ComplementSolver, "_solve_chunk", failing_odd_rows)
+    solution = solve_dual_cone_qp(lower, gramian)
+    assert _kkt_violation(gramian, lower, solution) <= 1e-11
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=_scale(expected, lower))
+
+
+def test_systems_are_solved_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    gramian = _normalized(_conflicting(64, 0.5, seed=2))
+    lower = _upgrad_lower(64, torch.Generator().manual_seed(2))
+    expected = solve_dual_cone_qp(lower, gramian)
+    monkeypatch.setattr(dual_cone, "_CHUNK_ELEMENTS", 2000)
+    assert len(list(dual_cone._chunks_by_size(torch.tensor([0, 3, 30, 9, 40, 40])))) == 4
+    solution = solve_dual_cone_qp(lower, gramian)
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=_scale(expected, lower))
