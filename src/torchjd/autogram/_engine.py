@@ -26,6 +26,7 @@ from ._gramian_layout import (
 from ._graph_checks import check_graph
 from ._recorder import Record, Recorder
 from ._rules import Call
+from ._rules._base import GramianRule
 from ._rules._fallback import FALLBACK_RULE
 
 
@@ -127,6 +128,14 @@ class Engine:
         ]
         # The hooks only hold the recorder, so the engine can be collected, which removes them.
         weakref.finalize(self, _remove_hooks, handles)
+
+    def _graph_readers(self, module: nn.Module) -> list[GramianRule]:
+        """The rules of ``module`` (its own, not the fallback) that may read its calls' graphs."""
+        rules: list[GramianRule] = []
+        for assignment in self._coverage.assignments.get(module, ()):
+            if assignment.rule is not FALLBACK_RULE and assignment.rule not in rules:
+                rules.append(assignment.rule)
+        return rules
 
     def compute_gramian(self, output: Tensor) -> Tensor:
         """Return the generalized Gramian of the Jacobian of ``output`` w.r.t. the parameters.
@@ -256,7 +265,7 @@ class Engine:
         seeding = make_seeding(output, batch_dim)
         batched = batch_dim is not None
         self._recorder.paused = True
-        targets = _targets(records)
+        targets = _targets(records, self._graph_readers)
         # Before the backward pass, from the structure of the graph alone: a parameter used outside
         # the calls that cover it may be the very reason why no call is reached. Without any record
         # (e.g. a graph already used by a previous `compute_gramian`), every use would look
@@ -448,6 +457,9 @@ def _release(calls: Sequence[Call]) -> None:
         call.grad_outputs = [None] * len(call.grad_outputs)
         call.args = ()
         call.kwargs = {}
+        call.internal_edges = {}
+        call.internal_grads = {}
+        call.saved = {}
 
 
 @dataclass(eq=False)
@@ -553,13 +565,25 @@ def _check_block(block: Tensor, num_rows: int, module: nn.Module) -> None:
         )
 
 
-_Target = tuple[Record, int, GradientEdge, bool]
+# A call's output (by index) or an edge inside its module (by name), the edge, and whether it
+# was moved to the output's base.
+_Target = tuple[Record, int | str, GradientEdge, bool]
 
 
-def _targets(records: Sequence[Record]) -> list[_Target]:
-    """The edges at which each call's output gradients are taken; sets ``entry_nodes``."""
+def _targets(
+    records: Sequence[Record], graph_readers: Callable[[nn.Module], Sequence[GramianRule]]
+) -> list[_Target]:
+    """The edges at which each call's output gradients are taken; sets ``entry_nodes``.
+
+    The rules of each call may add edges inside the module (see :meth:`GramianRule.read_graph`).
+    """
     targets: list[_Target] = []
     for record in records:
+        for rule in graph_readers(record.module):
+            rule.read_graph(record.module, record.call)
+        targets.extend(
+            (record, name, edge, False) for name, edge in record.call.internal_edges.items()
+        )
         record.resolve_outputs()
         call = record.call
         call.grad_outputs = [None] * len(call.outputs)
@@ -614,6 +638,9 @@ def _backward_to_calls(
     else:
         batched_grads = _batched_grad(output, edges, seeding.seeds)
     for (record, index, _, from_base), grad in zip(targets, batched_grads):
+        if isinstance(index, str):
+            record.call.internal_grads[index] = grad
+            continue
         if grad is not None and from_base:
             grad = grad.reshape(grad.shape[0], *record.call.outputs[index].shape)
         record.call.grad_outputs[index] = grad

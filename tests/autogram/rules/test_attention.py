@@ -174,3 +174,106 @@ def test_dropout_in_training_mode_uses_the_recorded_graph(batched: bool) -> None
     # A row re-runs the whole batch (same masks) and keeps one sample's output gradients.
     expected = reference_rows(module, calls, params, batched, rerun_per_sample=False)
     assert_rule_matches(rule, module, calls, params, batched, expected, generator, 1e-8, 1e-9)
+
+
+class _TwoSelfAttentions(nn.Module):
+    """Self-attention used twice in a row (module reuse), the second time returning its weights."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=batch_first)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 2:
+            shape = x.shape[:1]  # unbatched: [S]
+        else:
+            shape = x.shape[:2] if self.attention.batch_first else x.shape[1::-1]  # [B, S]
+        padding = torch.zeros(shape, dtype=torch.bool)
+        padding[..., -1] = True
+        hidden, _ = self.attention(x, x, x, need_weights=False, key_padding_mask=padding)
+        out, weights = self.attention(hidden, hidden, hidden, need_weights=True)
+        mean_weights = weights.sum(dim=-1).sum(dim=-1, keepdim=True)
+        return self.head(out).sum(dim=-2 if self.attention.batch_first else 0) * mean_weights
+
+
+def _encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize(
+    "case", ["encoder", "encoder_causal", "reused_with_weights", "seq_first_summed", "unbatched"]
+)
+def test_engine_reads_self_attention_from_the_graph(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine takes the gradients of the packed q, k, v projection from its own backward pass
+    (the core is never recomputed) and gets the Gramian and the fused gradients right. Unbatched
+    inputs are projected by three products (``multi_head_attention_forward`` unsqueezes q, k and v
+    separately): the rule then recomputes the core."""
+    import torchjd.autogram._rules._attention as attention
+    from torchjd.aggregation import Flattening, UPGradWeighting
+    from torchjd.autogram import Engine
+
+    def no_recomputation(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the attention core was recomputed")
+
+    if case != "unbatched":
+        monkeypatch.setattr(attention, "_attend", no_recomputation)
+    torch.manual_seed(0)
+    batch_dim: int | None = 0
+    if case.startswith("encoder"):
+        model = _encoder().double()
+        x = torch.randn(3, 5, 8, dtype=F64)
+        mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=F64)
+        kwargs = {"mask": mask, "is_causal": True} if case == "encoder_causal" else {}
+
+        def forward() -> Tensor:
+            return model(x, **kwargs).sum(dim=1)  # [B, 8]: 8 seeds
+
+    elif case == "reused_with_weights":
+        model = _TwoSelfAttentions(batch_first=True).double()
+        x = torch.randn(3, 4, 6, dtype=F64)
+
+        def forward() -> Tensor:
+            return model(x)  # [B, 2]
+
+    else:
+        model = _TwoSelfAttentions(batch_first=False).double()
+        batch_dim = None
+        x = torch.randn(4, 6, dtype=F64) if case == "unbatched" else torch.randn(4, 3, 6, dtype=F64)
+
+        def forward() -> Tensor:
+            return model(x)
+
+    engine = Engine(model, batch_dim=batch_dim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    output = forward()
+    expected = _reference_gramian(output, params)
+    assert torch.allclose(engine.compute_gramian(output), expected, rtol=1e-9, atol=1e-10)
+
+    weighting = Flattening(UPGradWeighting())
+    output = forward()
+    weights = engine.backward(output, weighting)
+    fused = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    forward().backward(weights)
+    for got, want in zip(fused, [p.grad for p in params]):
+        assert got is not None and want is not None
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
+def _reference_gramian(output: Tensor, params: list[Tensor]) -> Tensor:
+    flat = output.reshape(-1)
+    rows = []
+    for index in range(flat.numel()):
+        grads = torch.autograd.grad(flat[index], params, retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)  # fmt: skip
+        rows.append(torch.cat([grad.reshape(-1) for grad in grads]))
+    jacobian = torch.stack(rows)
+    gramian = jacobian @ jacobian.T
+    shape = tuple(output.shape)
+    order = (*range(len(shape)), *reversed(range(len(shape), 2 * len(shape))))
+    return gramian.reshape(shape + shape).permute(order)

@@ -11,6 +11,13 @@ since the module uses them without calling ``out_proj``. The fused step back-pro
 the core once: the weighted gradients combine, by the weights, the per-seed gradients that the
 Gramian used (every gradient is linear in the output gradients).
 
+In the engine, for self-attention with the packed projection (the common case, e.g.
+``nn.TransformerEncoderLayer``), nothing is recomputed: before its backward pass the rule finds,
+in the graph that the call recorded, the product of the packed ``q, k, v`` projection and that of
+``out_proj``; the engine's backward pass then gives the gradients of the projected ``q, k, v``
+directly (the core is back-propagated once, as in an ordinary step), and ``out_proj``'s input is
+the one autograd saved.
+
 With dropout in training mode the attention probabilities are random and cannot be recomputed:
 the rule then takes vector-Jacobian products on the recorded graph instead (exact, slower).
 """
@@ -25,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node
 
 from ._base import Call, GramianRule
 from ._common import (
@@ -64,6 +72,10 @@ class _AttentionUse:
     output_grads: Tensor | None  # gradients of y, [K, B, L, E]
     bias_kv_grads: dict[str, Tensor]  # "bias_k", "bias_v": [K, B, 1, E]
     same_inputs: tuple[bool, bool]  # (query is key, key is value)
+    # The gradients of q, k and v side by side, [K, B, L, 3E], when they come that way.
+    stacked_grads: Tensor | None = None
+    # Whether the tensors are batch-first views of sequence-first ones (found in the graph).
+    sequence_first: bool = False
 
 
 def _canonical(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -165,6 +177,9 @@ def _use_of(module: nn.MultiheadAttention, call: Call, batched: bool) -> _Attent
         output_grads = None if output_grads is None else output_grads.transpose(1, 2)
     batch = query.shape[0]
     inputs = {"q": query, "k": key, "v": value}
+    from_graph = _use_from_graph(module, call, inputs, output_grads)
+    if from_graph is not None:
+        return from_graph
     weights = _projection_weights(module)
     biases = (
         dict(zip(_PROJECTIONS, module.in_proj_bias.detach().chunk(3)))
@@ -228,6 +243,114 @@ def _use_of(module: nn.MultiheadAttention, call: Call, batched: bool) -> _Attent
     )
 
 
+# Most nodes visited in the graph of one call when looking for its projections.
+_MAX_NODES = 256
+
+
+def _read_graph(module: nn.MultiheadAttention, call: Call) -> None:
+    """Find the packed ``q, k, v`` projection and ``out_proj`` in the graph of ``call``.
+
+    Self-attention with the packed projection and without ``bias_k``/``bias_v`` only (their rows
+    would need the gradients of the concatenation): ``multi_head_attention_forward`` then projects
+    its sequence-first input with one product by ``in_proj_weight`` and the attention output with
+    one product by ``out_proj.weight``. Sets the gradient edge of the first product's result and
+    the input that autograd saved for the second; leaves the call untouched if the graph does not
+    have exactly one of each.
+    """
+    if module.in_proj_weight is None or module.bias_k is not None or _random(module):
+        return
+    arguments = bound_arguments(module, call)
+    if not (arguments["query"] is arguments["key"] is arguments["value"]):
+        return
+    found: dict[str, list[Node]] = {"in_proj": [], "out_proj": []}
+    weights = {"in_proj": module.in_proj_weight, "out_proj": module.out_proj.weight}
+    stack = [edge.node for edge in call.output_edges if edge is not None]
+    seen: set[Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _MAX_NODES:
+            return
+        name = _product_by(node, weights)
+        if name is not None:
+            found[name].append(node)
+            if name == "in_proj":
+                continue  # its input comes from before the call
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    if len(found["in_proj"]) != 1 or len(found["out_proj"]) != 1:
+        return
+    in_node, out_node = found["in_proj"][0], found["out_proj"][0]
+    inputs, attended = _saved_input(in_node), _saved_input(out_node)
+    if inputs is None or attended is None:
+        return
+    call.internal_edges["in_proj"] = GradientEdge(in_node, 0)
+    call.saved["inputs"] = inputs
+    call.saved["attended"] = attended
+
+
+def _saved_input(node: Node) -> Tensor | None:
+    """The matrix ``x`` that a node of ``x @ weightᵀ`` saved (its rows are the positions)."""
+    for name in ("_saved_mat1", "_saved_self"):
+        saved = getattr(node, name, None)
+        if isinstance(saved, Tensor):
+            return saved
+    return None
+
+
+def _product_by(node: Node, weights: dict[str, Tensor]) -> str | None:
+    """The name of the weight that ``node`` multiplies by (``x @ weightᵀ``), if any."""
+    if node.name() not in ("AddmmBackward0", "MmBackward0"):
+        return None
+    for child, _ in node.next_functions:
+        if child is None or child.name() != "TBackward0":
+            continue
+        leaf = child.next_functions[0][0]
+        variable = getattr(leaf, "variable", None)
+        for name, weight in weights.items():
+            if variable is weight:
+                return name
+    return None
+
+
+def _use_from_graph(
+    module: nn.MultiheadAttention,
+    call: Call,
+    inputs: dict[str, Tensor],
+    output_grads: Tensor | None,
+) -> _AttentionUse | None:
+    """The use from what the engine's backward pass found inside the call, if it did."""
+    grads = call.internal_grads.get("in_proj")
+    flat_inputs, attended = call.saved.get("inputs"), call.saved.get("attended")
+    if grads is None or flat_inputs is None or attended is None:
+        return None
+    batch, target, embed = inputs["q"].shape
+    seeds, positions = grads.shape[0], target * batch
+    # Sequence-first rows: position t of sample i is row t * B + i.
+    if (
+        grads.shape != (seeds, positions, 3 * embed)
+        or flat_inputs.shape != (positions, embed)
+        or attended.shape != (positions, embed)
+    ):
+        return None
+    stacked = grads.view(seeds, target, batch, 3 * embed).transpose(1, 2)
+    # Batch-first views of the sequence-first tensors that autograd saved: no copy.
+    query = flat_inputs.view(target, batch, embed).transpose(0, 1)
+    return _AttentionUse(
+        inputs=dict.fromkeys(_PROJECTIONS, query),
+        input_grads=dict(zip(_PROJECTIONS, stacked.split(embed, dim=-1))),
+        attended=(
+            None if output_grads is None else attended.view(target, batch, embed).transpose(0, 1)
+        ),
+        output_grads=output_grads,
+        bias_kv_grads={},
+        same_inputs=(True, True),
+        stacked_grads=stacked,
+        sequence_first=True,
+    )
+
+
 def _as_grouped(grads: Tensor) -> Tensor:
     """Gradients ``[K, B, T, b]`` in the layout of :mod:`._ghost`, ``[K, B, 1, b, T]`` (a view)."""
     return grads.transpose(2, 3).unsqueeze(2)
@@ -247,7 +370,12 @@ def _projection_terms(uses: Sequence[_AttentionUse], names: Sequence[str]) -> li
     terms = []
     for use in uses:
         grads = [use.input_grads[name] for name in names]
-        stacked = grads[0] if len(grads) == 1 else torch.cat(grads, dim=-1)
+        if len(grads) == 1:
+            stacked = grads[0]
+        elif tuple(names) == _PROJECTIONS and use.stacked_grads is not None:
+            stacked = use.stacked_grads
+        else:
+            stacked = torch.cat(grads, dim=-1)
         terms.append(_term(use.inputs[names[0]], stacked))
     return terms
 
@@ -315,6 +443,10 @@ class MultiheadAttentionRule(GramianRule):
     def needs_graph(self, module: nn.Module) -> bool:
         # Only the random attention probabilities of dropout need the recorded graph.
         return not isinstance(module, nn.MultiheadAttention) or _random(module)
+
+    def read_graph(self, module: nn.Module, call: Call) -> None:
+        if isinstance(module, nn.MultiheadAttention):
+            _read_graph(module, call)
 
     def per_row_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
@@ -387,13 +519,21 @@ def _rows_from_uses(
     result: dict[str, Tensor] = {}
     for name in params:
         parameter = module.get_parameter(name)
-        if name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        stacked = all(use.stacked_grads is not None for use in uses)
+        if name == "in_proj_weight" and stacked:
+            rows = weight_per_sample(_projection_terms(uses, _PROJECTIONS), batched).squeeze(1)
+        elif name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
             names = _PROJECTIONS if name == "in_proj_weight" else (name[0],)
             blocks = [
                 weight_per_sample(_projection_terms(uses, (projection,)), batched)
                 for projection in names
             ]
             rows = torch.cat([block.squeeze(1) for block in blocks], dim=1)
+        elif name == "in_proj_bias" and stacked:
+            grads = [
+                _as_grouped(use.stacked_grads) for use in uses if use.stacked_grads is not None
+            ]
+            rows = bias_per_sample(grads, batched)
         elif name == "in_proj_bias":
             blocks = [
                 bias_per_sample([_as_grouped(use.input_grads[p]) for use in uses], batched)
@@ -459,9 +599,67 @@ def _weighted_from_uses(
     per-seed gradients are combined by the weights into one seed, whose summed-mode row it is."""
     seeds, batch = _shape(uses)
     check_weights(weights, seeds, batch, batched)
+    if batched and all(use.sequence_first for use in uses):
+        return _weighted_sequence_first(module, uses, params, weights.view(seeds, batch))
     combined = [_combined_use(use, weights, batched) for use in uses]
     rows = _rows_from_uses(module, combined, params, batched=False)
     return {name: row[0] for name, row in rows.items()}
+
+
+def _weighted_sequence_first(
+    module: nn.MultiheadAttention,
+    uses: Sequence[_AttentionUse],
+    params: Sequence[str],
+    per_sample: Tensor,
+) -> dict[str, Tensor]:
+    """The weighted gradients of uses found in the graph, in their sequence-first layout.
+
+    Each projection is one product over all positions, ``(Σ_k w_k ∘ D_k)ᵀ X``, with the combined
+    gradients written sequence-first, as the saved inputs are: no operand is copied.
+    """
+    totals: dict[str, Tensor] = {}
+
+    def add(name: str, value: Tensor) -> None:
+        totals[name] = value if name not in totals else totals[name] + value
+
+    for use in uses:
+        assert use.stacked_grads is not None
+        query = use.inputs["q"]
+        if "in_proj_weight" in params or "in_proj_bias" in params:
+            combined = _combined_sequence_first(use.stacked_grads, per_sample)
+            if "in_proj_weight" in params:
+                add(
+                    "in_proj_weight", combined.T @ query.transpose(0, 1).reshape(-1, query.shape[2])
+                )
+            if "in_proj_bias" in params:
+                add("in_proj_bias", combined.sum(dim=0))
+        out_proj = "out_proj.weight" in params or "out_proj.bias" in params
+        if out_proj and use.output_grads is not None and use.attended is not None:
+            combined = _combined_sequence_first(use.output_grads, per_sample)
+            attended = use.attended.transpose(0, 1).reshape(-1, use.attended.shape[2])
+            if "out_proj.weight" in params:
+                add("out_proj.weight", combined.T @ attended)
+            if "out_proj.bias" in params:
+                add("out_proj.bias", combined.sum(dim=0))
+    result = {}
+    for name in params:
+        parameter = module.get_parameter(name)
+        total = totals.get(name)
+        result[name] = (
+            torch.zeros_like(parameter) if total is None else total.to(dtype=parameter.dtype)
+        )
+    return result
+
+
+def _combined_sequence_first(grads: Tensor, per_sample: Tensor) -> Tensor:
+    """``Σ_k per_sample[k, i] grads[k, i, t]`` for ``grads [K, B, T, b]``, as ``[T * B, b]``."""
+    seeds, batch, positions, width = grads.shape
+    per_sample = per_sample.to(dtype=grads.dtype)
+    combined = grads.new_empty(positions, batch, width)
+    torch.mul(grads[0].transpose(0, 1), per_sample[0].view(1, batch, 1), out=combined)
+    for seed in range(1, seeds):
+        combined.addcmul_(grads[seed].transpose(0, 1), per_sample[seed].view(1, batch, 1))
+    return combined.view(positions * batch, width)
 
 
 def _combined_use(use: _AttentionUse, weights: Tensor, batched: bool) -> _AttentionUse:
@@ -471,13 +669,20 @@ def _combined_use(use: _AttentionUse, weights: Tensor, batched: bool) -> _Attent
             return combine_per_sample(grads, weights_.view(grads.shape[0], -1)).unsqueeze(0)
         return torch.tensordot(weights_, grads, dims=1).unsqueeze(0)
 
+    stacked = None if use.stacked_grads is None else combine(use.stacked_grads)
+    input_grads = (
+        {name: combine(grads) for name, grads in use.input_grads.items()}
+        if stacked is None
+        else dict(zip(_PROJECTIONS, stacked.split(stacked.shape[-1] // 3, dim=-1)))
+    )
     return _AttentionUse(
         inputs=use.inputs,
-        input_grads={name: combine(grads) for name, grads in use.input_grads.items()},
+        input_grads=input_grads,
         attended=use.attended,
         output_grads=None if use.output_grads is None else combine(use.output_grads),
         bias_kv_grads={name: combine(grads) for name, grads in use.bias_kv_grads.items()},
         same_inputs=use.same_inputs,
+        stacked_grads=stacked,
     )
 
 

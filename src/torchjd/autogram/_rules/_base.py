@@ -45,6 +45,12 @@ class Call:
         these rather than through ``outputs``: an output modified in place afterwards (e.g. by
         ``ReLU(inplace=True)``) has a new ``grad_fn``, but its edge still points at the module's
         own graph. For the same reason, rules should read values from the inputs, not the outputs.
+    :param internal_edges: Gradient edges inside the module's own graph, by name, set by the rule's
+        :meth:`GramianRule.read_graph` before the engine's backward pass.
+    :param internal_grads: The gradients ``[K, ...]`` that the engine's backward pass found at
+        ``internal_edges`` (``None`` for an edge not reached), by the same names.
+    :param saved: Tensors that autograd saved in the module's own graph, taken by
+        :meth:`GramianRule.read_graph` before the backward pass frees them.
     """
 
     args: tuple[Any, ...]
@@ -52,6 +58,9 @@ class Call:
     outputs: tuple[Tensor, ...]
     grad_outputs: list[Tensor | None] = field(default_factory=list)
     output_edges: tuple[GradientEdge | None, ...] = ()
+    internal_edges: dict[str, GradientEdge] = field(default_factory=dict)
+    internal_grads: dict[str, Tensor | None] = field(default_factory=dict)
+    saved: dict[str, Tensor] = field(default_factory=dict)
 
 
 class GramianRule(ABC):
@@ -141,6 +150,16 @@ class GramianRule(ABC):
             return result
 
         return gramian, weighted
+
+    def read_graph(self, module: nn.Module, call: Call) -> None:  # noqa: B027
+        """Take from the graph that ``call`` recorded what the rule needs, before the backward pass.
+
+        Called by the engine once per call, before its backward pass (which may free the graph).
+        A rule may set ``call.internal_edges`` (the engine's backward pass then also fills
+        ``call.internal_grads``: the gradients inside the module, at no extra cost, instead of
+        recomputing the module's internals) and ``call.saved``. Rules must still work on calls
+        where nothing was found (the default: nothing is read).
+        """
 
     def sample_axes(self, module: nn.Module, call: Call) -> Sequence[int]:
         """The dim of each output of ``call`` (in ``call.outputs``' order) that indexes the samples.
