@@ -9,12 +9,13 @@ computed without ever forming a ``[B, V, d]`` per-sample gradient, by the cheape
 
 * the *ghost* form: the token-equality mask times the products of output gradients
   (``O(R²·T²·d)``, no host synchronisation), best for short sequences;
-* the *pair* form: one product per pair of tokens of the batch sharing an id (``O(K²·d·Σ_v
-  c_v²)`` over the ids ``v`` found ``c_v ≥ 2`` times; the tokens found once, most of them for a
-  large vocabulary, only pair with themselves, in one reduction), or, when ids repeat a lot, one
-  entry per distinct (token, sample) and one product per pair of entries sharing a token
-  (``O(K²·d·Σ_v m_v²)``, ``m_v ≤ B`` the number of samples containing ``v``): it uses the token
-  sparsity and synchronises with the host once (the number of pairs decides the shapes);
+* the *pair* form: each token's product with itself (one reduction, onto the sample diagonal),
+  and one product per pair of distinct tokens of the batch sharing an id, found by sorting the
+  repeated ids only (``O(K²·d·Σ_v c_v²)`` over the ids ``v`` found ``c_v ≥ 2`` times), or, when
+  ids repeat a lot, one entry per distinct (token, sample) and one product per pair of entries
+  sharing a token (``O(K²·d·Σ_v m_v²)``, ``m_v ≤ B`` the number of samples containing ``v``): it
+  uses the token sparsity and synchronises with the host once (the number of pairs decides the
+  shapes);
 * the *vocabulary* form: dense per-row gradients ``[R, V, d]`` and their Gram, for vocabularies
   smaller than the batch's tokens (no host synchronisation).
 
@@ -26,7 +27,7 @@ sparse tensors, like the gradients autograd gives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,11 @@ from ._base import Call, GramianRule
 from ._common import (
     check_params,
     check_weights,
+    combine_per_sample,
     common_batch_size,
     first_argument,
-    leading_axes,
     seed_count,
     sum_over_pairs,
-    weighted_calls,
 )
 from ._registry import register_rule
 
@@ -70,7 +70,8 @@ def _lookup_of(module: nn.Embedding, call: Call, batched: bool) -> _Lookup | Non
     grad = call.grad_outputs[0] if call.grad_outputs else None
     if grad is None:
         return None
-    ids = first_argument(module, call)
+    # `Embedding.forward` takes one argument: binding the signature is for keyword calls only.
+    ids = call.args[0] if len(call.args) == 1 and not call.kwargs else first_argument(module, call)
     seeds, width = grad.shape[0], module.embedding_dim
     if batched:
         if ids.ndim == 0:
@@ -219,32 +220,36 @@ def _entry_pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Te
 def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
     """The pair form: one product per pair of tokens of the batch sharing an id.
 
-    Tokens found once in the batch (most of them, for a large vocabulary) only pair with
-    themselves: their products go onto the Gramian's sample diagonal in one reduction. The
-    repeated ones are sorted by id and each pairs with its group: ``Σ_v c_v²`` products of size
-    ``K²·d`` over the repeated ids ``v`` (``c_v`` occurrences). One host synchronisation (the
-    numbers of repeated tokens and of pairs decide the shapes). When the pairs would not fit one
-    chunk (ids repeated very often, as frequent words in text), the entry form
-    (:func:`_entry_pairs_gramian`) groups a sample's occurrences of an id first and handles frequent
-    ids densely.
+    Each token pairs with itself: those products are the squared norms of the samples' output
+    gradients, on the Gramian's sample diagonal. The other pairs are found by sorting the ids
+    found more than once (most tokens, for a large vocabulary, are found once): each token pairs
+    with the tokens before it in its group of equal ids, ``Σ_v c_v (c_v - 1) / 2``
+    products of size ``K²·d`` over the ids ``v`` (``c_v`` occurrences), each added at its place and
+    at the transposed one. One host synchronisation (the number of pairs decides the shapes). When
+    the pairs would not fit one chunk (ids repeated very often, as frequent words in text), the
+    entry form (:func:`_entry_pairs_gramian`) groups a sample's occurrences of an id first and
+    handles frequent ids densely.
     """
     seeds, batch, _, dim = lookups[0].grads.shape
     rows = seeds * batch
     device = lookups[0].ids.device
+    weighted = [_weighted_grads(lookup) for lookup in lookups]
+    length: int | None = None  # tokens per sample, when one call gives all the tokens
+    samples: Tensor | None = None
     if len(lookups) == 1:
         ids = lookups[0].ids.reshape(-1)
-        grads = _weighted_grads(lookups[0]).reshape(seeds, -1, dim)
+        grads = weighted[0].reshape(seeds, -1, dim)
+        length = lookups[0].ids.shape[1]
     else:
         ids = torch.cat([lookup.ids.reshape(-1) for lookup in lookups])
-        grads = torch.cat(
-            [_weighted_grads(lookup).reshape(seeds, -1, dim) for lookup in lookups], 1
+        grads = torch.cat([grad.reshape(seeds, -1, dim) for grad in weighted], 1)
+        samples = torch.cat(
+            [
+                torch.arange(batch, device=device).repeat_interleave(lookup.ids.shape[1])
+                for lookup in lookups
+            ]
         )
-    samples = torch.cat(
-        [
-            torch.arange(batch, device=device).repeat_interleave(lookup.ids.shape[1])
-            for lookup in lookups
-        ]
-    )
+    # Tokens found once only pair with themselves: only the repeated ones are sorted.
     # `index_add_` rather than `bincount`, which reads the largest id on the host on CUDA.
     counts = torch.zeros(module.num_embeddings, dtype=torch.long, device=device)
     counts.index_add_(0, ids, torch.ones_like(ids))
@@ -253,48 +258,80 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
     token_counts = counts.index_select(0, ids)
     repeated = token_counts > 1
     # Host synchronisation (one): the numbers of repeated tokens and of pairs decide the shapes.
-    repeated_count, pair_count = (
-        int(value)
-        for value in torch.stack([repeated.sum(), torch.where(repeated, token_counts, 0).sum()])
+    # Each repeated token ends `count - 1` ordered pairs, half of them with a token before it.
+    repeated_count, ordered_pair_count = (
+        int(value) for value in torch.stack([repeated.sum(), (token_counts - 1).clamp(min=0).sum()])
     )
+    pair_count = ordered_pair_count // 2
     if pair_count * seeds * dim > _ELEMENTS_PER_CHUNK:
         return _entry_pairs_gramian(module, lookups)
-    gramian = grads.new_zeros(rows, rows)
-    single = (~repeated).to(grads.dtype)
-    if seeds == 1:
-        own = (grads[0] * grads[0]).sum(-1) * single
-        gramian.diagonal().index_add_(0, samples, own)
-    else:
-        own_products = torch.einsum("kpd,lpd,p->klp", grads, grads, single)
-        sample_diagonals = gramian.view(seeds, batch, seeds, batch).diagonal(dim1=1, dim2=3)
-        sample_diagonals.index_add_(2, samples, own_products)
-    if not repeated_count:
+    gramian = _self_pairs(weighted, seeds, batch)
+    if not pair_count:
         return gramian
-    positions = torch.nonzero_static(repeated, size=repeated_count).squeeze(1)
+    if device.type == "cpu":
+        positions = repeated.nonzero().squeeze(1)
+    else:
+        positions = torch.nonzero_static(repeated, size=repeated_count).squeeze(1)
     sorted_ids, order = torch.sort(ids.index_select(0, positions))
-    positions = positions.index_select(0, order)
-    sizes = counts.index_select(0, sorted_ids)
-    starts = torch.searchsorted(sorted_ids, sorted_ids)
-    first = torch.repeat_interleave(sizes, output_size=pair_count)
-    offsets = torch.arange(pair_count, device=device) - torch.repeat_interleave(
-        sizes.cumsum(0) - sizes, sizes, output_size=pair_count
+    order = positions.index_select(0, order)
+    _, group, group_sizes = torch.unique_consecutive(
+        sorted_ids, return_inverse=True, return_counts=True
     )
-    left = positions.index_select(0, first)
-    right = positions.index_select(0, starts.index_select(0, first) + offsets)
-    left_samples, right_samples = samples.index_select(0, left), samples.index_select(0, right)
+    ranks = torch.arange(repeated_count, device=device)
+    group_starts = (group_sizes.cumsum(0) - group_sizes).index_select(0, group)
+    # The number of tokens before each (sorted) token in its group: the pairs it ends.
+    rank = ranks - group_starts
+    pair_ends = rank.cumsum(0)
+    right = torch.repeat_interleave(rank, output_size=pair_count)
+    # Pair `q` of the token at sorted position `r` is with the token at `r - 1 - (q - first_q)`.
+    anchors = pair_ends + group_starts - 1
+    left = anchors.index_select(0, right) - torch.arange(pair_count, device=device)
+    left_tokens, right_tokens = order.index_select(0, left), order.index_select(0, right)
+    if samples is None:
+        assert length is not None
+        left_samples = torch.div(left_tokens, length, rounding_mode="floor")
+        right_samples = torch.div(right_tokens, length, rounding_mode="floor")
+    else:
+        left_samples = samples.index_select(0, left_tokens)
+        right_samples = samples.index_select(0, right_tokens)
     flat = gramian.view(-1)
     if seeds == 1:
-        products = (grads[0].index_select(0, left) * grads[0].index_select(0, right)).sum(-1)
+        products = torch.linalg.vecdot(
+            grads[0].index_select(0, left_tokens), grads[0].index_select(0, right_tokens)
+        )
         flat.index_add_(0, left_samples * rows + right_samples, products)
+        flat.index_add_(0, right_samples * rows + left_samples, products)
         return gramian
     products = torch.einsum(
-        "kpd,lpd->pkl", grads.index_select(1, left), grads.index_select(1, right)
+        "kpd,lpd->pkl", grads.index_select(1, left_tokens), grads.index_select(1, right_tokens)
     )
     seed_rows = torch.arange(seeds, device=device) * batch
-    left_rows = seed_rows + left_samples.unsqueeze(1)
-    right_rows = seed_rows + right_samples.unsqueeze(1)
-    index = left_rows.unsqueeze(2) * rows + right_rows.unsqueeze(1)
-    flat.index_add_(0, index.flatten(), products.flatten())
+    left_rows = (seed_rows + left_samples.unsqueeze(1)).unsqueeze(2)
+    right_rows = (seed_rows + right_samples.unsqueeze(1)).unsqueeze(1)
+    flat.index_add_(0, (left_rows * rows + right_rows).flatten(), products.flatten())
+    flat.index_add_(0, (right_rows * rows + left_rows).flatten(), products.flatten())
+    return gramian
+
+
+def _self_pairs(weighted: Sequence[Tensor], seeds: int, batch: int) -> Tensor:
+    """The products of every token with itself, on the sample diagonal: ``[R, R]``.
+
+    :param weighted: For each call, its weighted output gradients ``[K, B, T, d]``.
+    """
+    rows = seeds * batch
+    own: Tensor | None = None
+    for grads in weighted:
+        per_sample = grads.reshape(seeds, batch, -1)
+        if seeds == 1:
+            term = torch.linalg.vecdot(per_sample[0], per_sample[0])
+        else:
+            term = torch.einsum("kix,lix->kli", per_sample, per_sample)
+        own = term if own is None else own + term
+    assert own is not None
+    if seeds == 1:
+        return torch.diag(own)
+    gramian = own.new_zeros(rows, rows)
+    gramian.view(seeds, batch, seeds, batch).diagonal(dim1=1, dim2=3).copy_(own)
     return gramian
 
 
@@ -340,18 +377,7 @@ class EmbeddingRule(GramianRule):
     ) -> Tensor:
         embedding = _as_embedding(module)
         check_params(params, ["weight"], module)
-        lookups = _lookups(embedding, calls, batched)
-        costs = {
-            "ghost": _ghost_cost(lookups),
-            "vocabulary": _vocabulary_cost(embedding, lookups),
-            "pairs": _pairs_cost(lookups),
-        }
-        form = min(costs, key=costs.__getitem__)
-        if form == "ghost":
-            return _ghost_gramian(lookups)
-        if form == "vocabulary":
-            return _vocabulary_gramian(embedding, lookups)
-        return _pairs_gramian(embedding, lookups)
+        return _gramian(embedding, _lookups(embedding, calls, batched))
 
     def weighted_gradients(
         self,
@@ -364,24 +390,71 @@ class EmbeddingRule(GramianRule):
         embedding = _as_embedding(module)
         check_params(params, ["weight"], module)
         lookups = _lookups(embedding, calls, batched)
-        seeds, batch = lookups[0].grads.shape[:2]
-        check_weights(weights, seeds, batch, batched)
-        combined = _lookups(embedding, weighted_calls(calls, weights, batched, leading_axes), False)
-        if embedding.sparse:
-            indices = torch.cat([lookup.ids.flatten() for lookup in combined]).unsqueeze(0)
-            values = torch.cat(
-                [
-                    _weighted_grads(lookup).reshape(-1, embedding.embedding_dim)
-                    for lookup in combined
-                ]
-            )
-            shape = (embedding.num_embeddings, embedding.embedding_dim)
-            # The indices are valid ids: the forward lookup succeeded with them.
-            sparse = torch.sparse_coo_tensor(indices, values, shape, check_invariants=False)
-            return {"weight": sparse}
-        slots = [lookup.ids for lookup in combined]
-        rows = _scatter_rows(combined, slots, embedding.num_embeddings)
-        return {"weight": rows[0]}
+        return {"weight": _weighted_gradient(embedding, lookups, batched, weights)}
+
+    def gramian_then_weighted_gradients(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+        embedding = _as_embedding(module)
+        check_params(params, ["weight"], module)
+        # The lookups (ids, output gradients, token weights) serve both: read the calls once.
+        lookups = _lookups(embedding, calls, batched)
+        gramian = _gramian(embedding, lookups)
+
+        def weighted(weights: Tensor) -> dict[str, Tensor]:
+            gradient = _weighted_gradient(embedding, lookups, batched, weights)
+            lookups.clear()
+            return {"weight": gradient}
+
+        return gramian, weighted
+
+
+def _gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
+    """The Gramian by the cheapest exact form."""
+    costs = {
+        "ghost": _ghost_cost(lookups),
+        "vocabulary": _vocabulary_cost(module, lookups),
+        "pairs": _pairs_cost(lookups),
+    }
+    form = min(costs, key=costs.__getitem__)
+    if form == "ghost":
+        return _ghost_gramian(lookups)
+    if form == "vocabulary":
+        return _vocabulary_gramian(module, lookups)
+    return _pairs_gramian(module, lookups)
+
+
+def _weighted_gradient(
+    module: nn.Embedding, lookups: Sequence[_Lookup], batched: bool, weights: Tensor
+) -> Tensor:
+    """``Σ_r weights[r] * row_r``: each token's output gradient, combined over the seeds with
+    the weights of its rows and scaled by its token weight, added to the row of its id (sparse
+    with ``sparse=True``, like autograd's gradient)."""
+    seeds, batch, _, dim = lookups[0].grads.shape
+    check_weights(weights, seeds, batch, batched)
+    per_sample = weights.to(dtype=lookups[0].grads.dtype).view(seeds, batch)
+    indices = []
+    values = []
+    for lookup in lookups:
+        if seeds == 1:
+            # One multiplication: the row weights and the token weights together.
+            factor = per_sample[0].unsqueeze(1)
+            if lookup.token_weights is not None:
+                factor = factor * lookup.token_weights
+            combined = lookup.grads[0] * factor.unsqueeze(-1)
+        else:
+            combined = combine_per_sample(lookup.grads, per_sample)
+            if lookup.token_weights is not None:
+                combined = combined * lookup.token_weights.unsqueeze(-1)
+        indices.append(lookup.ids.reshape(-1))
+        values.append(combined.reshape(-1, dim))
+    ids = indices[0] if len(indices) == 1 else torch.cat(indices)
+    grads = values[0] if len(values) == 1 else torch.cat(values)
+    shape = (module.num_embeddings, dim)
+    if module.sparse:
+        # The indices are valid ids: the forward lookup succeeded with them.
+        return torch.sparse_coo_tensor(ids.unsqueeze(0), grads, shape, check_invariants=False)
+    return grads.new_zeros(shape).index_add_(0, ids, grads)
 
 
 def _as_embedding(module: nn.Module) -> nn.Embedding:
