@@ -360,7 +360,7 @@ class _Rows:
         row is, or is about to be, in the careful mode) skips the computations of that mode."""
         self.previous_free = self.free
         if first:
-            self.free = _warm_start(problem, self.lower)
+            self.free = _warm_start(problem, self.lower, self.linear)
             return
         count = wrong.sum(dim=1)
         improved = count < self.best
@@ -452,23 +452,21 @@ class _Rows:
             )
 
 
-def _warm_start(problem: _Problem, lower: Tensor) -> Tensor:
-    """Guess the free sets of the rows of ``lower`` from a few iterations of over-relaxed ADMM
-    (the splitting of OSQP) on all of them at once: each iteration is one product with the
-    precomputed ``ρ (2G + ρI)⁻¹``, so the guess costs a few matrix products and saves most of the
-    rounds of pivoting. ``ρ`` is the geometric mean of the eigenvalues of ``2G`` (from the
-    determinant), which balances the primal and dual progress on ill-conditioned Gramians.
+def _warm_start(problem: _Problem, lower: Tensor, linear: Tensor) -> Tensor:
+    """Guess the free sets of the rows of ``lower`` (``linear`` = ``lower G``) from a few
+    iterations of over-relaxed ADMM (the splitting of OSQP) on all of them at once: each
+    iteration is one product with the precomputed ``ρ (2G + ρI)⁻¹``, so the guess costs a few
+    matrix products and saves most of the rounds of pivoting. ``ρ`` is the geometric mean of the
+    eigenvalues of ``2G`` (from the determinant), which balances the primal and dual progress on
+    ill-conditioned Gramians.
 
     On the CPU, when most entries of ``G u`` are negative (the rows conflict, as per-sample
     gradients do in IWRM: about 90% of them), the free sets ``{j : (G u)_j < 0}`` are guessed
     instead, for free: there, they are nearly exact, and the ADMM would cost more than the rounds
     it saves. Elsewhere (e.g. random Gramians, half of the entries), that guess would cost several
     more rounds."""
-    if (
-        problem.linear.device.type == "cpu"
-        and float((problem.linear < 0).float().mean()) >= _SIGN_START_FRACTION
-    ):
-        return problem.linear < 0
+    if linear.device.type == "cpu" and float((linear < 0).float().mean()) >= _SIGN_START_FRACTION:
+        return linear < 0
     gramian = problem.gramian
     m = gramian.shape[0]
     identity = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
