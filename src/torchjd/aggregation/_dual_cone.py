@@ -632,11 +632,7 @@ class _ComplementSolver:
         indices = torch.sort(complement.to(torch.uint8), dim=1, descending=True, stable=True)[1]
         valid = torch.arange(size) < complement.sum(dim=1, keepdim=True)
         indices = torch.where(valid, indices[:, :size], m)
-        systems = torch.take(
-            self.padded_inverse, indices.unsqueeze(2) * (m + 1) + indices.unsqueeze(1)
-        )
-        # The padding rows and columns become the identity.
-        systems.diagonal(dim1=1, dim2=2).add_((~valid).to(systems.dtype))
+        systems = _principal_submatrices(self.padded_inverse, indices, valid)
         factor, info = torch.linalg.cholesky_ex(systems)
         inverse = self.inverse
         mask = free.to(rhs.dtype)
@@ -689,9 +685,7 @@ def _gathered_free_solve(
         indices = torch.sort(free[chunk].to(torch.uint8), dim=1, descending=True, stable=True)[1]
         valid = torch.arange(size) < counts[chunk].unsqueeze(1)
         indices = torch.where(valid, indices[:, :size], m)
-        systems = torch.take(padded_gramian, indices.unsqueeze(2) * (m + 1) + indices.unsqueeze(1))
-        # The padding rows and columns become the identity.
-        systems.diagonal(dim1=1, dim2=2).add_((~valid).to(systems.dtype))
+        systems = _principal_submatrices(padded_gramian, indices, valid)
         x_regularized, x_refined = _refined_solve(
             systems,
             ridge * valid.to(systems.dtype),
@@ -703,6 +697,17 @@ def _gathered_free_solve(
         )
         refined[chunk] = torch.zeros_like(refined[chunk]).scatter_(1, indices, x_refined)
     return regularized[:, :m], refined[:, :m]
+
+
+def _principal_submatrices(padded: Tensor, indices: Tensor, valid: Tensor) -> Tensor:
+    """The submatrices ``A[I, I]`` of the matrix ``A`` padded with a zero last row and column, for
+    the rows ``I`` of ``indices`` (``[b, k]``), where the padding index (entries not ``valid``)
+    gives a row and column of the identity."""
+    b, k = indices.shape
+    rows = padded.index_select(0, indices.reshape(-1)).view(b, k, padded.shape[1])
+    systems = rows.gather(2, indices.unsqueeze(1).expand(b, k, k))
+    systems.diagonal(dim1=1, dim2=2).add_((~valid).to(systems.dtype))
+    return systems
 
 
 def _refined_solve(
