@@ -233,12 +233,16 @@ def test_parameter_hooks_run() -> None:
     _assert_grads_close(fused, _snapshot(list(model.parameters())))
 
 
-@pytest.mark.parametrize("form", ["ghost", "per_sample"])
+@pytest.mark.parametrize(
+    ("form", "kept_rows_factor"), [("ghost", 1.5), ("per_sample", 0.0), ("per_sample", 1e9)]
+)
 @pytest.mark.parametrize("batch_dim", [0, None])
 def test_both_forms_of_the_linear_and_conv_rules(
-    form: str, batch_dim: int | None, monkeypatch: pytest.MonkeyPatch
+    form: str, kept_rows_factor: float, batch_dim: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Forcing each exact form of the rules gives the same gradients as autograd."""
+    """Forcing each exact form of the rules gives the same gradients as autograd (the per-sample
+    form with the rows kept for the weighted gradients or not)."""
+    monkeypatch.setattr(_linear, "_KEPT_ROWS_FACTOR", kept_rows_factor)
     zero = lambda *args: 0  # noqa: E731
     huge = lambda *args: 1 << 62  # noqa: E731
     monkeypatch.setattr(_linear, "_ghost_cost", zero if form == "ghost" else huge)

@@ -205,16 +205,34 @@ def _encoder() -> nn.Module:
 @pytest.mark.parametrize(
     "case", ["encoder", "encoder_causal", "reused_with_weights", "seq_first_summed", "unbatched"]
 )
+@pytest.mark.parametrize("keep_rows", [False, True])
 def test_engine_reads_self_attention_from_the_graph(
-    case: str, monkeypatch: pytest.MonkeyPatch
+    case: str, keep_rows: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The engine takes the gradients of the packed q, k, v projection from its own backward pass
-    (the core is never recomputed) and gets the Gramian and the fused gradients right. Unbatched
-    inputs are projected by three products (``multi_head_attention_forward`` unsqueezes q, k and v
-    separately): the rule then recomputes the core."""
+    (the core is never recomputed) and gets the Gramian and the fused gradients right, whether the
+    fused step keeps the rows or the inputs and gradients. Unbatched inputs are projected by three
+    products (``multi_head_attention_forward`` unsqueezes q, k and v separately): the rule then
+    recomputes the core."""
     import torchjd.autogram._rules._attention as attention
+    import torchjd.autogram._rules._linear as linear
     from torchjd.aggregation import Flattening, UPGradWeighting
     from torchjd.autogram import Engine
+
+    factor = float("inf") if keep_rows else 0.0
+    monkeypatch.setattr(attention, "_KEPT_ROWS_FACTOR", factor)
+    monkeypatch.setattr(linear, "_KEPT_ROWS_FACTOR", factor)
+    if keep_rows:  # rows are only materialised by the per-sample form
+        monkeypatch.setattr(attention, "ghost_cost", lambda terms, batched: 1)
+        monkeypatch.setattr(attention, "per_sample_cost", lambda terms, batched: 0)
+    kept: list[bool] = []
+    consumed_rows = attention._consumed_rows
+
+    def spy(*args: Any) -> dict[str, Tensor]:
+        kept.append(True)
+        return consumed_rows(*args)
+
+    monkeypatch.setattr(attention, "_consumed_rows", spy)
 
     def no_recomputation(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the attention core was recomputed")
@@ -263,6 +281,7 @@ def test_engine_reads_self_attention_from_the_graph(
     for got, want in zip(fused, [p.grad for p in params]):
         assert got is not None and want is not None
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
+    assert bool(kept) == (keep_rows and case != "unbatched")
 
 
 def _reference_gramian(output: Tensor, params: list[Tensor]) -> Tensor:

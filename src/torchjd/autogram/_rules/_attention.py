@@ -42,6 +42,7 @@ from ._common import (
     combine_per_sample,
     common_batch_size,
     gram,
+    gramian_and_weighted_rows,
     leading_axes,
     seed_count,
     tensor_outputs,
@@ -281,12 +282,10 @@ def _read_graph(module: nn.MultiheadAttention, call: Call) -> None:
         stack.extend(child for child, _ in node.next_functions if child is not None)
     if len(found["in_proj"]) != 1 or len(found["out_proj"]) != 1:
         return
-    in_node, out_node = found["in_proj"][0], found["out_proj"][0]
-    inputs, attended = _saved_input(in_node), _saved_input(out_node)
-    if inputs is None or attended is None:
+    attended = _saved_input(found["out_proj"][0])
+    if attended is None:
         return
-    call.internal_edges["in_proj"] = GradientEdge(in_node, 0)
-    call.saved["inputs"] = inputs
+    call.internal_edges["in_proj"] = GradientEdge(found["in_proj"][0], 0)
     call.saved["attended"] = attended
 
 
@@ -322,23 +321,18 @@ def _use_from_graph(
 ) -> _AttentionUse | None:
     """The use from what the engine's backward pass found inside the call, if it did."""
     grads = call.internal_grads.get("in_proj")
-    flat_inputs, attended = call.saved.get("inputs"), call.saved.get("attended")
-    if grads is None or flat_inputs is None or attended is None:
+    attended = call.saved.get("attended")
+    if grads is None or attended is None:
         return None
     batch, target, embed = inputs["q"].shape
     seeds, positions = grads.shape[0], target * batch
     # Sequence-first rows: position t of sample i is row t * B + i.
-    if (
-        grads.shape != (seeds, positions, 3 * embed)
-        or flat_inputs.shape != (positions, embed)
-        or attended.shape != (positions, embed)
-    ):
+    if grads.shape != (seeds, positions, 3 * embed) or attended.shape != (positions, embed):
         return None
+    # Batch-first views of the sequence-first tensors: no copy.
     stacked = grads.view(seeds, target, batch, 3 * embed).transpose(1, 2)
-    # Batch-first views of the sequence-first tensors that autograd saved: no copy.
-    query = flat_inputs.view(target, batch, embed).transpose(0, 1)
     return _AttentionUse(
-        inputs=dict.fromkeys(_PROJECTIONS, query),
+        inputs=inputs,
         input_grads=dict(zip(_PROJECTIONS, stacked.split(embed, dim=-1))),
         attended=(
             None if output_grads is None else attended.view(target, batch, embed).transpose(0, 1)
@@ -473,6 +467,10 @@ class MultiheadAttentionRule(GramianRule):
             return super().gramian_then_weighted_gradients(module, calls, params, batched)
         # The attention core is back-propagated once: the weighted gradient combines its results.
         uses = _uses(attention, calls, batched)
+        if _keeps_rows(uses, params, batched):
+            return gramian_and_weighted_rows(
+                attention, _consumed_rows(attention, uses, calls, params, batched)
+            )
         gramian = _gramian_from_uses(attention, uses, params, batched)
 
         def weighted(weights: Tensor) -> dict[str, Tensor]:
@@ -606,6 +604,66 @@ def _weighted_from_uses(
     return {name: row[0] for name, row in rows.items()}
 
 
+# The fused step keeps the rows of the projections, instead of the inputs and gradients they come
+# from, when the per-sample form is the cheaper one and the rows take at most this multiple of
+# their memory (as the Linear rule does): the weighted gradients are then small products.
+_KEPT_ROWS_FACTOR = 1.5
+
+
+def _keeps_rows(uses: Sequence[_AttentionUse], params: Sequence[str], batched: bool) -> bool:
+    """Whether the fused step should materialise and keep the rows of ``params``.
+
+    For uses found in the graph (self-attention with packed projections) only.
+    """
+    if not uses or not all(use.sequence_first for use in uses):
+        return False
+    terms = _projection_terms(uses, _PROJECTIONS) if "in_proj_weight" in params else []
+    out_terms = _out_terms(uses) if "out_proj.weight" in params else []
+    for group in (terms, out_terms):
+        if group and ghost_cost(group, batched) < per_sample_cost(group, batched):
+            return False
+    seeds, batch = _shape(uses)
+    rows_count = seeds * batch if batched else seeds
+    embed = uses[0].inputs["q"].shape[2]
+    sizes = {
+        "in_proj_weight": 3 * embed * embed,
+        "in_proj_bias": 3 * embed,
+        "out_proj.weight": embed * embed,
+        "out_proj.bias": embed,
+    }
+    rows = rows_count * sum(sizes[name] for name in params)
+    held = 0
+    for use in uses:
+        assert use.stacked_grads is not None
+        held += use.inputs["q"].numel() + use.stacked_grads.numel()
+        if use.output_grads is not None and use.attended is not None:
+            held += use.output_grads.numel() + use.attended.numel()
+    return rows <= _KEPT_ROWS_FACTOR * held
+
+
+def _consumed_rows(
+    module: nn.MultiheadAttention,
+    uses: list[_AttentionUse],
+    calls: Sequence[Call],
+    params: Sequence[str],
+    batched: bool,
+) -> dict[str, Tensor]:
+    """The rows of ``params``, dropping the uses' tensors (and what the calls found in the graph)
+    as soon as the rows that need them are made: the rows replace them."""
+    for call in calls:
+        call.internal_grads.clear()
+        call.saved.clear()
+    rows = _rows_from_uses(
+        module, uses, [name for name in params if name.startswith("in_")], batched
+    )
+    for use in uses:
+        use.inputs, use.input_grads, use.stacked_grads = {}, {}, None
+    out = [name for name in params if name.startswith("out_")]
+    rows.update(_rows_from_uses(module, uses, out, batched) if out else {})
+    uses.clear()
+    return {name: rows[name] for name in params}
+
+
 def _weighted_sequence_first(
     module: nn.MultiheadAttention,
     uses: Sequence[_AttentionUse],
@@ -702,7 +760,8 @@ def _uses(
 
 def _shape(uses: Sequence[_AttentionUse]) -> tuple[int, int]:
     """``(K, B)``, the seeds and the batch size of the uses."""
-    grads = uses[0].input_grads["q"]
+    grads = uses[0].input_grads.get("q", uses[0].output_grads)
+    assert grads is not None
     return grads.shape[0], grads.shape[1]
 
 

@@ -98,27 +98,46 @@ class LinearRule(GramianRule):
     ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
         _check_params(params)
         terms = _terms(module, calls, batched)
-        gramian, rows = _gramian(terms, "weight" in params, "bias" in params, keep_rows=True)
+        gramian, kept = _gramian(terms, "weight" in params, "bias" in params, keep_rows=True)
+        if kept is not None:
+            # The per-sample form materialised the rows: the weighted sums are small products,
+            # and the inputs and output gradients are not needed any more.
+            terms.clear()
+            return gramian, _weighted_rows(module, params, kept)
 
         def weighted(weights: Tensor) -> dict[str, Tensor]:
-            if rows is None:
-                # Each call's output gradients are freed as soon as they are combined.
-                held = list(terms)
-                terms.clear()
-                return _weighted_gradients(module, held, params, weights, consume=True)
-            # The per-sample form materialised the rows: their weighted sum is a small product.
-            _check_weights(terms, weights)
-            weight = module.get_parameter("weight")
-            flat = _cast(weights, rows.dtype) @ rows
-            result = {"weight": _cast(flat.view(weight.shape), weight.dtype)}
-            if "bias" in params:
-                result.update(_weighted_gradients(module, terms, ["bias"], weights))
-            return {name: result[name] for name in params}
+            # Each call's output gradients are freed as soon as they are combined.
+            held = list(terms)
+            terms.clear()
+            return _weighted_gradients(module, held, params, weights, consume=True)
 
         return gramian, weighted
 
 
 register_rule(nn.Linear, LinearRule())
+
+
+def _weighted_rows(
+    module: nn.Module, params: Sequence[str], kept: dict[str, Tensor]
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """The function of the weights ``[R]`` giving ``weights @ rows`` for the kept rows."""
+
+    def weighted(weights: Tensor) -> dict[str, Tensor]:
+        count = kept["weight"].shape[0]
+        if weights.shape != (count,):
+            raise ValueError(
+                f"Expected `weights` to have shape ({count},), one weight per Jacobian row; "
+                f"found {tuple(weights.shape)}."
+            )
+        result = {}
+        for name in params:
+            rows = kept.pop(name)
+            parameter = _tensor_attribute(module, name)
+            flat = _cast(weights, rows.dtype) @ rows
+            result[name] = _cast(flat.view(parameter.shape), parameter.dtype)
+        return result
+
+    return weighted
 
 
 def _check_params(params: Sequence[str]) -> None:
@@ -254,18 +273,27 @@ def _combine_seeds(grads: Tensor, per_row: Tensor) -> Tensor:
     return combined
 
 
+# The fused step keeps a layer's materialised rows, instead of its inputs and output gradients,
+# when they take at most this multiple of their memory: its peak is at the end of the backward
+# pass, when every layer's inputs and output gradients are held, and the rows, which replace them
+# one layer at a time, save the weighted gradient's product (as costly as the rows themselves).
+_KEPT_ROWS_FACTOR = 1.5
+
+
 def _gramian(
     terms: Sequence[_Term], with_weight: bool, with_bias: bool, keep_rows: bool
-) -> tuple[Tensor, Tensor | None]:
-    """The Gramian by the cheaper exact form, and the weight rows ``[R, b·a]`` if materialised.
+) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """The Gramian by the cheaper exact form, and the rows ``[R, b·a]`` (and ``[R, b]`` for the
+    bias), by parameter name, if the per-sample form materialised them.
 
-    The rows are only returned when ``keep_rows`` and when they take no more memory than the
-    term's inputs and output gradients (for the fused step, which may then reuse them).
+    The rows are only returned when ``keep_rows`` and when they take at most
+    ``_KEPT_ROWS_FACTOR`` times the memory of the terms' inputs and output gradients (for the fused
+    step, which then reuses them and drops the terms).
     """
     if with_weight and len(terms) == 1 and terms[0].positions == 1:
         return _one_vector_gramian(terms[0], with_bias), None
     gramian: Tensor | None = None
-    kept: Tensor | None = None
+    kept: dict[str, Tensor] | None = None
     if with_weight:
         if _ghost_cost(terms) <= _per_sample_cost(terms):
             gramian = _ghost_gramian(terms)
@@ -273,14 +301,16 @@ def _gramian(
             rows = _weight_rows(terms).flatten(start_dim=1)
             gramian = rows @ rows.T
             held = sum(term.inputs.numel() + term.grads.numel() for term in terms)
-            if keep_rows and rows.numel() <= held:
-                kept = rows
+            if keep_rows and rows.numel() <= _KEPT_ROWS_FACTOR * held:
+                kept = {"weight": rows}
     if with_bias:
         bias_rows = _bias_rows(terms)
         if gramian is None:
             gramian = bias_rows @ bias_rows.T
         else:
             gramian.addmm_(bias_rows, bias_rows.T)
+        if kept is not None:
+            kept["bias"] = bias_rows
     assert gramian is not None
     return gramian, kept
 
