@@ -703,9 +703,9 @@ def _principal_submatrices(padded: Tensor, indices: Tensor, valid: Tensor) -> Te
     """The submatrices ``A[I, I]`` of the matrix ``A`` padded with a zero last row and column, for
     the rows ``I`` of ``indices`` (``[b, k]``), where the padding index (entries not ``valid``)
     gives a row and column of the identity."""
-    b, k = indices.shape
-    rows = padded.index_select(0, indices.reshape(-1)).view(b, k, padded.shape[1])
-    systems = rows.gather(2, indices.unsqueeze(1).expand(b, k, k))
+    # One flat gather of the k² entries per row: gathering whole rows first would copy k x m.
+    size = padded.shape[1]
+    systems = torch.take(padded, indices.unsqueeze(2) * size + indices.unsqueeze(1))
     systems.diagonal(dim1=1, dim2=2).add_((~valid).to(systems.dtype))
     return systems
 
