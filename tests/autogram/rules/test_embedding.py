@@ -186,3 +186,60 @@ def test_pair_form_falls_back_to_entries_when_ids_repeat_a_lot(
     monkeypatch.setattr(embedding_module, "_ELEMENTS_PER_CHUNK", _ELEMENTS_PER_CHUNK)
     torch.testing.assert_close(embedding_module._pairs_gramian(module, lookups), expected)
     assert calls_to_entries == [1]
+
+
+@pytest.mark.parametrize("counts_first", [True, False])
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_pair_form_reads_counts_before_or_after_finding_the_tokens(
+    monkeypatch: pytest.MonkeyPatch, counts_first: bool, seeds: int
+) -> None:
+    """The accelerator order (both counts read first, one synchronisation) and the CPU order
+    (positions first) give the same exact Gramian, with padding, groups of 1 to many tokens,
+    and a batch without any repeated id; both fall back to the entry form past the chunk size."""
+    monkeypatch.setattr(embedding_module, "_counts_before_positions", lambda device: counts_first)
+    module = nn.Embedding(30, 3, padding_idx=0).double()
+    generator = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 30, (6, 7), generator=generator)
+    ids[0, :4] = 5  # a group of at least 4 tokens, in one sample
+    unique = torch.randperm(29, generator=generator)[:12].add(1).view(4, 3)
+    for tokens in (ids, unique):
+        calls = record_calls(module, [Use((tokens,))], seeds, generator)
+        lookups = _lookups(module, calls, True)
+        expected = _vocabulary_gramian(module, lookups)
+        torch.testing.assert_close(embedding_module._pairs_gramian(module, lookups), expected)
+    calls = record_calls(module, [Use((ids,))], seeds, generator)
+    lookups = _lookups(module, calls, True)
+    expected = _vocabulary_gramian(module, lookups)
+    entry_calls: list[int] = []
+
+    def counting_entries(*args: Any) -> torch.Tensor:
+        entry_calls.append(1)
+        return _entry_pairs_gramian(*args)
+
+    monkeypatch.setattr(embedding_module, "_entry_pairs_gramian", counting_entries)
+    monkeypatch.setattr(embedding_module, "_ELEMENTS_PER_CHUNK", 8)
+    torch.testing.assert_close(embedding_module._pairs_gramian(module, lookups), expected)
+    assert entry_calls == [1]
+
+
+def test_fused_step_reuses_the_lookups_and_matches_the_rows() -> None:
+    """``gramian_then_weighted_gradients``: the Gramian and, later, the weighted gradient (dense
+    and sparse, with token weights from padding and, dense only as in autograd, frequencies)
+    against the reference rows."""
+    for sparse in (False, True):
+        module = nn.Embedding(12, 3, padding_idx=1, scale_grad_by_freq=not sparse, sparse=sparse)
+        module = module.double()
+        generator = torch.Generator().manual_seed(10)
+        uses = [Use((torch.randint(0, 12, (4, 5), generator=generator),))]
+        calls = record_calls(module, uses, 2, generator)
+        expected = reference_rows(module, calls, ["weight"], True, rerun_per_sample=False)
+        rows = expected["weight"].reshape(8, -1)
+        gramian, weighted = EmbeddingRule().gramian_then_weighted_gradients(
+            module, calls, ["weight"], True
+        )
+        torch.testing.assert_close(gramian, rows @ rows.T)
+        weights = torch.randn(8, generator=generator, dtype=torch.float64)
+        gradient = weighted(weights)["weight"]
+        assert gradient.is_sparse == sparse
+        actual = gradient.to_dense() if sparse else gradient
+        torch.testing.assert_close(actual, torch.tensordot(weights, expected["weight"], dims=1))

@@ -257,21 +257,22 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
         counts[module.padding_idx] = 0  # no gradient: kept out of the pairs
     token_counts = counts.index_select(0, ids)
     repeated = token_counts > 1
-    # Host synchronisation (one): the numbers of repeated tokens and of pairs decide the shapes.
-    # Each repeated token ends `count - 1` ordered pairs, half of them with a token before it.
-    repeated_count, ordered_pair_count = (
-        int(value) for value in torch.stack([repeated.sum(), (token_counts - 1).clamp(min=0).sum()])
-    )
-    pair_count = ordered_pair_count // 2
-    if pair_count * seeds * dim > _ELEMENTS_PER_CHUNK:
-        return _entry_pairs_gramian(module, lookups)
-    gramian = _self_pairs(weighted, seeds, batch)
-    if not pair_count:
-        return gramian
-    if device.type == "cpu":
-        positions = repeated.nonzero().squeeze(1)
-    else:
+    pair_count: int | None = None
+    if _counts_before_positions(device):
+        # Host synchronisation (one): the numbers of repeated tokens and of pairs decide the
+        # shapes. Each repeated token ends `count - 1` ordered pairs, half of them with a token
+        # before it.
+        repeated_count, ordered_pair_count = (
+            int(value)
+            for value in torch.stack([repeated.sum(), (token_counts - 1).clamp(min=0).sum()])
+        )
+        pair_count = ordered_pair_count // 2
+        if pair_count * seeds * dim > _ELEMENTS_PER_CHUNK:
+            return _entry_pairs_gramian(module, lookups)
         positions = torch.nonzero_static(repeated, size=repeated_count).squeeze(1)
+    else:
+        positions = repeated.nonzero().squeeze(1)
+        repeated_count = positions.shape[0]
     sorted_ids, order = torch.sort(ids.index_select(0, positions))
     order = positions.index_select(0, order)
     _, group, group_sizes = torch.unique_consecutive(
@@ -282,6 +283,13 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
     # The number of tokens before each (sorted) token in its group: the pairs it ends.
     rank = ranks - group_starts
     pair_ends = rank.cumsum(0)
+    if pair_count is None:
+        pair_count = int(pair_ends[-1]) if repeated_count else 0
+        if pair_count * seeds * dim > _ELEMENTS_PER_CHUNK:
+            return _entry_pairs_gramian(module, lookups)
+    gramian = _self_pairs(weighted, seeds, batch)
+    if not pair_count:
+        return gramian
     right = torch.repeat_interleave(rank, output_size=pair_count)
     # Pair `q` of the token at sorted position `r` is with the token at `r - 1 - (q - first_q)`.
     anchors = pair_ends + group_starts - 1
@@ -313,6 +321,17 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
     return gramian
 
 
+def _counts_before_positions(device: torch.device) -> bool:
+    """Whether to read the numbers of repeated tokens and of pairs before finding the tokens.
+
+    On an accelerator, each read of a tensor's value (or of a data-dependent shape, as that of
+    ``nonzero``) is a host synchronisation: both numbers are read at once, first. On the CPU,
+    reading costs nothing more than the reduction, and ``nonzero`` (one pass) is cheaper than
+    the two reductions and ``nonzero_static`` together.
+    """
+    return device.type != "cpu"
+
+
 def _self_pairs(weighted: Sequence[Tensor], seeds: int, batch: int) -> Tensor:
     """The products of every token with itself, on the sample diagonal: ``[R, R]``.
 
@@ -323,7 +342,8 @@ def _self_pairs(weighted: Sequence[Tensor], seeds: int, batch: int) -> Tensor:
     for grads in weighted:
         per_sample = grads.reshape(seeds, batch, -1)
         if seeds == 1:
-            term = torch.linalg.vecdot(per_sample[0], per_sample[0])
+            # One pass, without the temporary of `(x * x).sum(-1)` (the size of the gradients).
+            term = torch.linalg.vector_norm(per_sample[0], dim=1).square()
         else:
             term = torch.einsum("kix,lix->kli", per_sample, per_sample)
         own = term if own is None else own + term
