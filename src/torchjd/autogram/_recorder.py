@@ -126,20 +126,42 @@ class Recorder:
         # the backward pass), the calls are not new uses of the modules.
         if self.paused or not torch.is_grad_enabled():
             return
-        # The common cases (one output tensor, positional tensor arguments) skip the pytree walks.
-        if isinstance(output, Tensor):
-            outputs: tuple[Tensor, ...] = (output,)
-        else:
-            outputs = tuple(leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor))
-        if not any(tensor.requires_grad for tensor in outputs):
-            return
-        output_edges = tuple(
-            get_gradient_edge(tensor) if tensor.requires_grad else None for tensor in outputs
-        )
+        # The common cases (one output tensor, positional tensor arguments) skip the pytree walks
+        # and the per-output loops (the hook runs on every call of every hooked module).
         if not kwargs and all(isinstance(arg, Tensor) for arg in args):
             inputs: Sequence[Tensor] = args
         else:
             inputs = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        if isinstance(output, Tensor):
+            if not output.requires_grad:
+                return
+            single = (output,)
+            output_edges: tuple[GradientEdge | None, ...] = (get_gradient_edge(output),)
+            output_versions: tuple[int, ...] = (output._version,)
+            output_bases: tuple[GradientEdge | None, ...] = (_reshaped_base_edge(output, single),)
+            output_refs: tuple[Tensor | weakref.ref[Tensor], ...] = (
+                output if output._is_view() else weakref.ref(output),
+            )
+            output_specs: tuple[tuple[torch.Size, torch.dtype, torch.device, bool], ...] = (
+                (output.shape, output.dtype, output.device, True),
+            )
+        else:
+            outputs = tuple(leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor))
+            if not any(tensor.requires_grad for tensor in outputs):
+                return
+            output_edges = tuple(
+                get_gradient_edge(tensor) if tensor.requires_grad else None for tensor in outputs
+            )
+            output_versions = tuple(tensor._version for tensor in outputs)
+            output_bases = tuple(_reshaped_base_edge(tensor, outputs) for tensor in outputs)
+            output_refs = tuple(
+                tensor if tensor.requires_grad and tensor._is_view() else weakref.ref(tensor)
+                for tensor in outputs
+            )
+            output_specs = tuple(
+                (tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
+                for tensor in outputs
+            )
         input_nodes = frozenset(
             tensor.grad_fn if tensor.grad_fn is not None else get_gradient_edge(tensor).node
             for tensor in inputs
@@ -152,16 +174,10 @@ class Recorder:
             input_nodes=input_nodes,
             input_versions=tuple((tensor, tensor._version) for tensor in inputs),
             uses_batch_statistics=_uses_batch_statistics(module),
-            output_versions=tuple(tensor._version for tensor in outputs),
-            output_bases=tuple(_reshaped_base_edge(tensor, outputs) for tensor in outputs),
-            output_refs=tuple(
-                tensor if tensor.requires_grad and tensor._is_view() else weakref.ref(tensor)
-                for tensor in outputs
-            ),
-            output_specs=tuple(
-                (tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
-                for tensor in outputs
-            ),
+            output_versions=output_versions,
+            output_bases=output_bases,
+            output_refs=output_refs,
+            output_specs=output_specs,
         )
         self._next_order += 1
         self.records.append(record)
