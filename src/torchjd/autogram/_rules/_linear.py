@@ -339,7 +339,8 @@ def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
     """``(X Xᵀ + 1) ∘ (D Dᵀ)`` (``+ 1`` for the bias), the common case of one vector per sample.
 
     In place, so that only two ``[R, R]`` matrices exist at a time; for many rows and one seed,
-    by blocks of rows, computing only the lower half (the Gramian is symmetric).
+    by blocks of rows, computing only the lower half (the Gramian is symmetric); for several
+    seeds, by pairs of seeds (the same).
     """
     num_seeds, batch_size = term.grads.shape[:2]
     num_rows = num_seeds * batch_size
@@ -347,6 +348,8 @@ def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
     grads = term.grads.reshape(num_rows, -1)
     if num_seeds == 1 and num_rows >= 2 * _SYMMETRIC_BLOCK:
         return _symmetric_one_vector_gramian(inputs, grads, with_bias)
+    if num_seeds > 1:
+        return _seed_pairs_one_vector_gramian(inputs, term.grads[:, :, 0], with_bias)
     inputs_gramian = inputs @ inputs.T
     if with_bias:
         inputs_gramian += 1.0
@@ -377,6 +380,28 @@ def _symmetric_one_vector_gramian(inputs: Tensor, grads: Tensor, with_bias: bool
         block *= grads[start:stop] @ grads[:stop].T
         gramian[start:stop, :stop] = block
         gramian[:start, start:stop] = block[:, :start].T
+    return gramian
+
+
+def _seed_pairs_one_vector_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor:
+    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` for ``K`` seeds (``grads [K, B, b]``), one ``[B, B]`` block per pair
+    of seeds ``k ≥ l`` (the other half is its transpose): ``K (K + 1) / 2`` products of the output
+    gradients instead of ``K²``, and ``X Xᵀ`` once for every pair.
+    """
+    num_seeds, batch_size = grads.shape[:2]
+    inputs_gramian = inputs @ inputs.T
+    if with_bias:
+        inputs_gramian += 1.0
+    num_rows = num_seeds * batch_size
+    gramian = grads.new_empty(num_rows, num_rows)
+    blocks = gramian.view(num_seeds, batch_size, num_seeds, batch_size)
+    for first in range(num_seeds):
+        for second in range(first + 1):
+            block = grads[first] @ grads[second].T
+            block *= inputs_gramian
+            blocks[first, :, second] = block
+            if second != first:
+                blocks[second, :, first] = block.T
     return gramian
 
 
