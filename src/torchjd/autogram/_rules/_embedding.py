@@ -225,7 +225,8 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
     found more than once (most tokens, for a large vocabulary, are found once): each token pairs
     with the tokens before it in its group of equal ids, ``Σ_v c_v (c_v - 1) / 2``
     products of size ``K²·d`` over the ids ``v`` (``c_v`` occurrences), each added at its place and
-    at the transposed one. One host synchronisation (the number of pairs decides the shapes). When
+    at the transposed one. On an accelerator, one host synchronisation (the numbers of repeated
+    tokens and of pairs decide the shapes; see :func:`_counts_before_positions`). When
     the pairs would not fit one chunk (ids repeated very often, as frequent words in text), the
     entry form (:func:`_entry_pairs_gramian`) groups a sample's occurrences of an id first and
     handles frequent ids densely.
@@ -273,23 +274,23 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
     else:
         positions = repeated.nonzero().squeeze(1)
         repeated_count = positions.shape[0]
+    if not repeated_count:
+        return _self_pairs(weighted, seeds, batch)
     sorted_ids, order = torch.sort(ids.index_select(0, positions))
     order = positions.index_select(0, order)
     _, group, group_sizes = torch.unique_consecutive(
         sorted_ids, return_inverse=True, return_counts=True
     )
-    ranks = torch.arange(repeated_count, device=device)
+    sorted_positions = torch.arange(repeated_count, device=device)
     group_starts = (group_sizes.cumsum(0) - group_sizes).index_select(0, group)
     # The number of tokens before each (sorted) token in its group: the pairs it ends.
-    rank = ranks - group_starts
+    rank = sorted_positions - group_starts
     pair_ends = rank.cumsum(0)
     if pair_count is None:
-        pair_count = int(pair_ends[-1]) if repeated_count else 0
+        pair_count = int(pair_ends[-1])
         if pair_count * seeds * dim > _ELEMENTS_PER_CHUNK:
             return _entry_pairs_gramian(module, lookups)
     gramian = _self_pairs(weighted, seeds, batch)
-    if not pair_count:
-        return gramian
     right = torch.repeat_interleave(rank, output_size=pair_count)
     # Pair `q` of the token at sorted position `r` is with the token at `r - 1 - (q - first_q)`.
     anchors = pair_ends + group_starts - 1
