@@ -175,19 +175,19 @@ def project_small(lower: Tensor, gramian: Tensor, norm_eps: float, reg_eps: floa
     m = gramian.shape[0]
     if gramian.device.type != "cpu" or m > SMALL_MAX_SIZE or m == 0:
         return None
-    with torch.no_grad():
-        lower = lower.detach()
-        offsets = solve_small(lower.to(torch.float64), gramian.detach(), norm_eps, reg_eps)
+    # Not differentiable: detached (cheaper than `no_grad`, same effect).
+    lower = lower.detach()
+    offsets = solve_small(lower.to(torch.float64), gramian.detach(), norm_eps, reg_eps)
     if offsets is None:
         return None
-    return (lower + offsets).to(lower.dtype)
+    return offsets.add_(lower).to(lower.dtype)
 
 
 def solve_small(
     lower: Tensor, gramian: Tensor, norm_eps: float | None = None, reg_eps: float = 0.0
 ) -> Tensor | None:
-    """CPU path for small ``m``, with as few torch operations as possible (each costs a few
-    microseconds, more than the arithmetic): block principal pivoting from the free sets
+    """CPU path for small ``m``, with as few torch operations as possible (each costs about a
+    microsecond, more than the arithmetic): block principal pivoting from the free sets
     ``{j : (G u)_j < 0}``, every round one batched Cholesky factorisation of full-size systems,
     exact (no ridge). Returns the offsets ``x = v − u``, or ``None`` if the result cannot be
     certified cheaply (non-finite or not clearly positive semi-definite input, a singular system,
@@ -198,6 +198,9 @@ def solve_small(
     The systems are ``(G + M D) x = −G u`` with ``D`` the diagonal indicator of the indices off
     the free set ``F`` and ``M`` huge: ``x`` is zero off ``F`` and solves ``G_FF x_F = −(G u)_F``
     up to ``1/M``, far below rounding errors, without masking the matrices or the right-hand sides.
+    The sign tests read ``x + y`` (with ``y = G v``): ``x`` on ``F`` and ``y`` off ``F``, the other
+    term being zero there up to rounding errors. One more system, ``G + δ I`` (``δ`` a tiny ridge),
+    rides along in the batch: its factorisation certifies that ``G`` is not indefinite.
 
     A returned ``x`` satisfies the optimality conditions up to rounding errors: ``x ≥ 0`` (after
     clamping entries that are negative by rounding), ``y = G v ≥ 0``, ``y = 0`` on the free set."""
@@ -216,40 +219,66 @@ def solve_small(
     total = scale * trace + m * ridge
     if not (total > 0.0 and math.isfinite(total)):
         return None
+    b = lower.shape[0]
+    identity = _identity(m)
     gramian = gramian.to(torch.float64)
+    # Symmetric part, trace 1: |G_ij| ≤ 1 then bounds the rounding errors of the products.
     gramian = torch.add(gramian, gramian.T).mul_(0.5 * scale / total)
     if ridge > 0.0:
-        gramian.diagonal().add_(ridge / total)
+        gramian.add_(identity, alpha=ridge / total)
+    # The last row (u = 0, never free) is the certificate's system G + δ I.
+    lower = torch.nn.functional.pad(lower, (0, 0, 0, 1))
     linear = lower @ gramian
-    neg_linear = (-linear).unsqueeze(2)
+    neg_linear = torch.neg(linear).unsqueeze_(2)
+    shifted = torch.add(gramian, identity)
+    diagonal = gramian.diagonal()
+    penalised = torch.add(diagonal, _penalties(b + 1, m))
+    systems = gramian.expand(b + 1, m, m).clone()
+    system_diagonals = systems.diagonal(dim1=1, dim2=2)
     unit_error = _TOLERANCE * m * _FLOAT64_EPS
     # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
     neg_lower_scale = torch.linalg.vector_norm(lower, 1, dim=1, keepdim=True).mul_(-unit_error)
     free = linear < 0
-    zero = gramian.new_zeros(())
     for _ in range(_SMALL_MAX_ROUNDS):
-        penalties = torch.where(free, zero, _PENALTY)
-        factor, info = torch.linalg.cholesky_ex(torch.diag_embed(penalties).add_(gramian))
-        offsets = torch.cholesky_solve(neg_linear, factor).squeeze(2)
-        products = torch.addmm(linear, offsets, gramian)
+        torch.where(free, diagonal, penalised, out=system_diagonals)
+        factor, info = torch.linalg.cholesky_ex(systems)
+        offsets = torch.cholesky_solve(neg_linear, factor).squeeze_(2)
+        both = torch.addmm(linear, offsets, shifted)
         neg_tolerance = torch.add(
             neg_lower_scale,
             torch.linalg.vector_norm(offsets, 1, dim=1, keepdim=True),
             alpha=-unit_error,
         )
-        wrong = torch.where(free, offsets, products) < neg_tolerance
-        if not bool(wrong.any()):
+        wrong = both < neg_tolerance
+        if not wrong.any().item():
             break
         free = free ^ wrong
     else:
         return None
-    # Certificate: finite, non-singular free systems, y_F at rounding level, G not indefinite.
-    full_info = torch.linalg.cholesky_ex(torch.add(gramian, _identity(m), alpha=_RIDGE))[1]
-    residual_too_large = torch.where(free, products.abs() + neg_tolerance, zero) > 0
-    failures = residual_too_large.sum() + info.sum() + full_info
-    if bool(failures) or not bool(torch.isfinite(gramian.sum() + neg_lower_scale.sum())):
+    # Certificate: non-singular free systems, G + δ I positive definite, y_F at rounding level.
+    if info.any().item():
         return None
-    return torch.where(free, offsets.clamp_min(0.0), 0.0)
+    # On F, `both - offsets` is y; a non-finite input makes a NaN here (also off F: the mask
+    # multiplies by zero).
+    residual = both.sub_(offsets).abs_().add_(neg_tolerance).mul_(free)
+    if not residual.amax().item() <= 0.0:
+        return None
+    return torch.where(free[:b], offsets[:b].clamp_min_(0.0), _zero())
+
+
+@functools.cache
+def _penalties(rows: int, size: int) -> Tensor:
+    """The penalty on the diagonal off the free sets, for ``rows - 1`` problems, and the ridge of
+    the certificate's system in the last row (cached: never written to)."""
+    penalties = torch.full((rows, size), _PENALTY, dtype=torch.float64)
+    penalties[-1] = _RIDGE
+    return penalties
+
+
+@functools.cache
+def _zero() -> Tensor:
+    """A float64 zero on the CPU (cached: never written to)."""
+    return torch.zeros((), dtype=torch.float64)
 
 
 @functools.cache
