@@ -177,3 +177,32 @@ def test_fused_form_matches_separate_calls(
         for name, rows in zip(["weight", "bias"], expected):
             if name in params:
                 torch.testing.assert_close(result[name], torch.tensordot(weights, rows, dims=1))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "num_seeds"), [*SHAPES, ([(300, 5)], 1), ([(130, 5)], 3), ([(260, 5)], 2)]
+)
+@pytest.mark.parametrize("into_dtype", [torch.float32, torch.float64])
+def test_adds_its_gramian_into_the_running_sum(
+    shapes: list[tuple[int, ...]], num_seeds: int, into_dtype: torch.dtype
+) -> None:
+    """``add_gramian_then_weighted_gradients`` adds the block in place (by tiles, or by pairs of
+    seeds, for one vector per sample; a block of another dtype is added as a whole)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    calls = _calls(lin, shapes, num_seeds)
+    expected = reference_rows(calls, [lin.weight, lin.bias], True)
+    rows = expected[0].shape[0]
+    start = torch.randn(rows, rows, dtype=into_dtype)
+    running = start.clone()
+    weighted = RULE.add_gramian_then_weighted_gradients(
+        lin, calls, ["weight", "bias"], True, running
+    )
+    wanted = start + gram(expected).to(into_dtype)
+    torch.testing.assert_close(running, wanted, rtol=1e-5, atol=1e-4)
+    weights = torch.randn(rows)
+    result = weighted(weights)
+    for name, param_rows in zip(["weight", "bias"], expected):
+        torch.testing.assert_close(
+            result[name], torch.tensordot(weights, param_rows, dims=1), rtol=1e-5, atol=1e-4
+        )

@@ -377,18 +377,25 @@ class Engine:
                         (shared if id(param) in self._coverage.shared else own).append(name)
                 if own:
                     rule = assignment.rule
-                    if fused:
-                        block, weighted = rule.gramian_then_weighted_gradients(
-                            module, calls, own, batched
+                    if fused and gramian is not None:
+                        # The rule adds its block in place (some without a block of this size).
+                        weighted = rule.add_gramian_then_weighted_gradients(
+                            module, calls, own, batched, gramian
                         )
                         module_steps.append((weighted, assignment.params))
                     else:
-                        block = rule.gramian(module, calls, own, batched)
-                    _check_block(block, num_rows, module)
-                    # Blocks are new tensors, of the size of the Gramian: summed in place.
-                    block = _cast(block, accumulation_dtype)
-                    gramian = block if gramian is None else gramian.add_(block)
-                    del block
+                        if fused:
+                            block, weighted = rule.gramian_then_weighted_gradients(
+                                module, calls, own, batched
+                            )
+                            module_steps.append((weighted, assignment.params))
+                        else:
+                            block = rule.gramian(module, calls, own, batched)
+                        _check_block(block, num_rows, module)
+                        # Blocks are new tensors, of the size of the Gramian: summed in place.
+                        block = _cast(block, accumulation_dtype)
+                        gramian = block if gramian is None else gramian.add_(block)
+                        del block
                 if shared:
                     rows = assignment.rule.per_row_gradients(module, calls, shared, batched)
                     for name in shared:

@@ -151,6 +151,29 @@ class GramianRule(ABC):
 
         return gramian, weighted
 
+    def add_gramian_then_weighted_gradients(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        params: Sequence[str],
+        batched: bool,
+        gramian: Tensor,
+    ) -> Callable[[Tensor], dict[str, Tensor]]:
+        """As :meth:`gramian_then_weighted_gradients`, adding the Gramian into ``gramian``.
+
+        :param gramian: The ``[R, R]`` sum of the blocks of the modules before, in the engine's
+            accumulation dtype, to add this block to in place. A rule may override this method to
+            add its products there directly, without a block of the Gramian's size.
+        """
+        block, weighted = self.gramian_then_weighted_gradients(module, calls, params, batched)
+        if block.shape != gramian.shape:
+            raise RuntimeError(
+                f"The Gramian rule of {type(module)} returned a block of shape "
+                f"{tuple(block.shape)}; expected {tuple(gramian.shape)}. This is a bug in the rule."
+            )
+        gramian.add_(block)
+        return weighted
+
     def read_graph(self, module: nn.Module, call: Call) -> None:  # noqa: B027
         """Take from the graph that ``call`` recorded what the rule needs, before the backward pass.
 

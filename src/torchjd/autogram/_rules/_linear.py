@@ -96,9 +96,33 @@ class LinearRule(GramianRule):
     def gramian_then_weighted_gradients(
         self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
     ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
+        return self._fused(module, calls, params, batched, None)
+
+    def add_gramian_then_weighted_gradients(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        params: Sequence[str],
+        batched: bool,
+        gramian: Tensor,
+    ) -> Callable[[Tensor], dict[str, Tensor]]:
+        # The one-vector forms add their products into `gramian` by blocks: no [R, R] block.
+        _, weighted = self._fused(module, calls, params, batched, gramian)
+        return weighted
+
+    def _fused(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        params: Sequence[str],
+        batched: bool,
+        into: Tensor | None,
+    ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
         _check_params(params)
         terms = _terms(module, calls, batched)
-        gramian, kept = _gramian(terms, "weight" in params, "bias" in params, keep_rows=True)
+        gramian, kept = _gramian(
+            terms, "weight" in params, "bias" in params, keep_rows=True, into=into
+        )
         if kept is not None:
             # The per-sample form materialised the rows: the weighted sums are small products,
             # and the inputs and output gradients are not needed any more.
@@ -281,7 +305,11 @@ _KEPT_ROWS_FACTOR = 1.5
 
 
 def _gramian(
-    terms: Sequence[_Term], with_weight: bool, with_bias: bool, keep_rows: bool
+    terms: Sequence[_Term],
+    with_weight: bool,
+    with_bias: bool,
+    keep_rows: bool,
+    into: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """The Gramian by the cheaper exact form, and the rows ``[R, b·a]`` (and ``[R, b]`` for the
     bias), by parameter name, if the per-sample form materialised them.
@@ -289,9 +317,11 @@ def _gramian(
     The rows are only returned when ``keep_rows`` and when they take at most
     ``_KEPT_ROWS_FACTOR`` times the memory of the terms' inputs and output gradients (for the fused
     step, which then reuses them and drops the terms).
+
+    :param into: A Gramian ``[R, R]`` to add the result to, in place (and return), if any.
     """
     if with_weight and len(terms) == 1 and terms[0].positions == 1:
-        return _one_vector_gramian(terms[0], with_bias), None
+        return _one_vector_gramian(terms[0], with_bias, into), None
     gramian: Tensor | None = None
     kept: dict[str, Tensor] | None = None
     if with_weight:
@@ -312,6 +342,8 @@ def _gramian(
         if kept is not None:
             kept["bias"] = bias_rows
     assert gramian is not None
+    if into is not None:
+        gramian = into.add_(gramian)
     return gramian, kept
 
 
@@ -335,28 +367,35 @@ def _bias_rows(terms: Sequence[_Term]) -> Tensor:
     return total
 
 
-def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
+def _one_vector_gramian(term: _Term, with_bias: bool, into: Tensor | None = None) -> Tensor:
     """``(X Xᵀ + 1) ∘ (D Dᵀ)`` (``+ 1`` for the bias), the common case of one vector per sample.
 
     In place, so that only two ``[R, R]`` matrices exist at a time; for many rows and one seed,
     by blocks of rows, computing only the lower half (the Gramian is symmetric); for several
-    seeds, by pairs of seeds (the same).
+    seeds, by pairs of seeds (the same). With ``into`` (a Gramian to add the result to), the
+    blocks are added there directly.
     """
     num_seeds, batch_size = term.grads.shape[:2]
     num_rows = num_seeds * batch_size
     inputs = term.inputs[:, 0]
     grads = term.grads.reshape(num_rows, -1)
+    blocks_into = into if into is not None and into.dtype == grads.dtype else None
     if num_seeds == 1 and num_rows >= 2 * _SYMMETRIC_BLOCK:
-        return _symmetric_one_vector_gramian(inputs, grads, with_bias)
-    if num_seeds > 1:
-        return _seed_pairs_one_vector_gramian(inputs, term.grads[:, :, 0], with_bias)
-    inputs_gramian = inputs @ inputs.T
-    if with_bias:
-        inputs_gramian += 1.0
-    gramian = grads @ grads.T
-    gramian.view(num_seeds, batch_size, num_seeds, batch_size).mul_(
-        inputs_gramian.view(1, batch_size, 1, batch_size)
-    )
+        gramian = _symmetric_one_vector_gramian(inputs, grads, with_bias, blocks_into)
+    elif num_seeds > 1:
+        gramian = _seed_pairs_one_vector_gramian(
+            inputs, term.grads[:, :, 0], with_bias, blocks_into
+        )
+    else:
+        inputs_gramian = inputs @ inputs.T
+        if with_bias:
+            inputs_gramian += 1.0
+        gramian = grads @ grads.T
+        gramian.view(num_seeds, batch_size, num_seeds, batch_size).mul_(
+            inputs_gramian.view(1, batch_size, 1, batch_size)
+        )
+    if into is not None and gramian is not into:
+        gramian = into.add_(gramian)
     return gramian
 
 
@@ -364,44 +403,66 @@ def _one_vector_gramian(term: _Term, with_bias: bool) -> Tensor:
 _SYMMETRIC_BLOCK = 128
 
 
-def _symmetric_one_vector_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor:
-    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` by blocks of rows against the rows up to the block's end.
+def _symmetric_one_vector_gramian(
+    inputs: Tensor, grads: Tensor, with_bias: bool, into: Tensor | None
+) -> Tensor:
+    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` by square tiles of the lower half (the upper half is their
+    transpose), added to ``into`` if given.
 
-    About ``(1 + block / n) / 2`` of the products of the direct form, and the temporaries are
-    blocks: ``[block, n]`` instead of ``[n, n]``.
+    About ``(1 + block / n) / 2`` of the products of the direct form, and the temporaries are two
+    ``[block, block]`` tiles (the fused step holds every layer's inputs and output gradients
+    meanwhile: larger temporaries would raise its peak memory).
     """
     num_rows = inputs.shape[0]
-    gramian = grads.new_empty(num_rows, num_rows)
+    gramian = grads.new_empty(num_rows, num_rows) if into is None else into
     for start in range(0, num_rows, _SYMMETRIC_BLOCK):
         stop = min(num_rows, start + _SYMMETRIC_BLOCK)
-        block = inputs[start:stop] @ inputs[:stop].T
-        if with_bias:
-            block += 1.0
-        block *= grads[start:stop] @ grads[:stop].T
-        gramian[start:stop, :stop] = block
-        gramian[:start, start:stop] = block[:, :start].T
+        for column in range(0, start + 1, _SYMMETRIC_BLOCK):
+            column_stop = min(stop, column + _SYMMETRIC_BLOCK)
+            tile = inputs[start:stop] @ inputs[column:column_stop].T
+            if with_bias:
+                tile += 1.0
+            tile *= grads[start:stop] @ grads[column:column_stop].T
+            if into is None:
+                gramian[start:stop, column:column_stop] = tile
+            else:
+                gramian[start:stop, column:column_stop] += tile
+            if column == start:
+                continue
+            if into is None:
+                gramian[column:column_stop, start:stop] = tile.T
+            else:
+                gramian[column:column_stop, start:stop] += tile.T
     return gramian
 
 
-def _seed_pairs_one_vector_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor:
+def _seed_pairs_one_vector_gramian(
+    inputs: Tensor, grads: Tensor, with_bias: bool, into: Tensor | None
+) -> Tensor:
     """``(X Xᵀ + 1) ∘ (D Dᵀ)`` for ``K`` seeds (``grads [K, B, b]``), one ``[B, B]`` block per pair
     of seeds ``k ≥ l`` (the other half is its transpose): ``K (K + 1) / 2`` products of the output
-    gradients instead of ``K²``, and ``X Xᵀ`` once for every pair.
+    gradients instead of ``K²``, and ``X Xᵀ`` once for every pair. Added to ``into`` if given.
     """
     num_seeds, batch_size = grads.shape[:2]
     inputs_gramian = inputs @ inputs.T
     if with_bias:
         inputs_gramian += 1.0
     num_rows = num_seeds * batch_size
-    gramian = grads.new_empty(num_rows, num_rows)
+    gramian = grads.new_empty(num_rows, num_rows) if into is None else into
     blocks = gramian.view(num_seeds, batch_size, num_seeds, batch_size)
     for first in range(num_seeds):
         for second in range(first + 1):
             block = grads[first] @ grads[second].T
             block *= inputs_gramian
-            blocks[first, :, second] = block
+            if into is None:
+                blocks[first, :, second] = block
+            else:
+                blocks[first, :, second] += block
             if second != first:
-                blocks[second, :, first] = block.T
+                if into is None:
+                    blocks[second, :, first] = block.T
+                else:
+                    blocks[second, :, first] += block.T
     return gramian
 
 
