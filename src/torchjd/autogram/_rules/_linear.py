@@ -439,30 +439,31 @@ def _symmetric_one_vector_gramian(
 def _seed_pairs_one_vector_gramian(
     inputs: Tensor, grads: Tensor, with_bias: bool, into: Tensor | None
 ) -> Tensor:
-    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` for ``K`` seeds (``grads [K, B, b]``), one ``[B, B]`` block per pair
-    of seeds ``k ≥ l`` (the other half is its transpose): ``K (K + 1) / 2`` products of the output
-    gradients instead of ``K²``, and ``X Xᵀ`` once for every pair. Added to ``into`` if given.
+    """``(X Xᵀ + 1) ∘ (D Dᵀ)`` for ``K`` seeds (``grads [K, B, b]``), the blocks of the pairs of
+    seeds ``k ≥ l`` only (the others are their transposes): ``K (K + 1) / 2`` products of the
+    output gradients instead of ``K²`` (one product per seed ``k``, against the seeds up to
+    ``k``), and ``X Xᵀ`` once for every pair. Added to ``into`` if given.
     """
-    num_seeds, batch_size = grads.shape[:2]
+    num_seeds, batch_size, width = grads.shape
     inputs_gramian = inputs @ inputs.T
     if with_bias:
         inputs_gramian += 1.0
     num_rows = num_seeds * batch_size
     gramian = grads.new_empty(num_rows, num_rows) if into is None else into
     blocks = gramian.view(num_seeds, batch_size, num_seeds, batch_size)
+    flat = grads.reshape(num_rows, width)
     for first in range(num_seeds):
-        for second in range(first + 1):
-            block = grads[first] @ grads[second].T
-            block *= inputs_gramian
-            if into is None:
-                blocks[first, :, second] = block
-            else:
-                blocks[first, :, second] += block
-            if second != first:
-                if into is None:
-                    blocks[second, :, first] = block.T
-                else:
-                    blocks[second, :, first] += block.T
+        # [B, first + 1, B]: the blocks (first, second) for every second <= first.
+        row = (grads[first] @ flat[: (first + 1) * batch_size].T).view(
+            batch_size, first + 1, batch_size
+        )
+        row *= inputs_gramian.unsqueeze(1)
+        if into is None:
+            blocks[first, :, : first + 1] = row
+            blocks[:first, :, first] = row[:, :first].permute(1, 2, 0)
+        else:
+            blocks[first, :, : first + 1] += row
+            blocks[:first, :, first] += row[:, :first].permute(1, 2, 0)
     return gramian
 
 
