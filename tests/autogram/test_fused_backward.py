@@ -489,3 +489,30 @@ def test_view_outputs_are_freed_before_the_weighted_step() -> None:
     engine.backward(output, Probe())
     assert alive == [False]
     _assert_grads_close(_snapshot(params), list(expected))
+
+
+def test_outputs_alive_at_the_backward_pass_are_freed_before_the_weighted_step() -> None:
+    """A norm's output is the next layer's input: alive when the backward pass starts, it must not
+    be held by the norm's released call until the step ends (the Linear keeps its rows here)."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(4)
+    model = nn.Sequential(norm, nn.Linear(4, 3))
+    engine = Engine(model, batch_dim=0)
+    inputs = torch.randn(2, 5, 4)
+    hidden = norm(inputs)
+    ref = weakref.ref(hidden)
+    output = model[1](hidden).sum(dim=(1, 2))
+    del hidden
+
+    class Probe(Weighting[Tensor]):
+        def forward(self, gramian: Tensor, /) -> Tensor:
+            alive.append(ref() is not None)
+            return torch.ones(gramian.shape[0])
+
+    alive: list[bool] = []
+    params = list(model.parameters())
+    expected = torch.autograd.grad(output, params, torch.ones(2), retain_graph=True)
+    assert ref() is not None
+    engine.backward(output, Probe())
+    assert alive == [False]
+    _assert_grads_close(_snapshot(params), list(expected))

@@ -459,11 +459,17 @@ class _GradientSteps:
 
 
 def _release(calls: Sequence[Call]) -> None:
-    """Drop the references of ``calls`` to their arguments and output gradients."""
+    """Drop the references of ``calls`` to their arguments, outputs and output gradients.
+
+    The outputs that were still alive when the backward pass started (e.g. a norm's output, which
+    the next layer's call holds) are replaced by stand-ins on the ``meta`` device, so that they
+    are freed with the last call that reads them.
+    """
     for call in calls:
         call.grad_outputs = [None] * len(call.grad_outputs)
         call.args = ()
         call.kwargs = {}
+        call.outputs = tuple(_stand_in(output) for output in call.outputs)
         call.internal_edges = {}
         call.internal_grads = {}
         call.saved = {}
@@ -481,6 +487,13 @@ class _Differentiation:
     calls_by_module: dict[nn.Module, list[Call]]
     dtype: torch.dtype
     external: list[Tensor]
+
+
+def _stand_in(tensor: Tensor) -> Tensor:
+    if tensor.device.type == "meta":
+        return tensor
+    stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    return stand_in.requires_grad_() if tensor.requires_grad else stand_in
 
 
 def _remove_hooks(handles: Sequence[RemovableHandle]) -> None:
