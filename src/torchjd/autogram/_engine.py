@@ -366,7 +366,8 @@ class Engine:
         steps = _GradientSteps()
         shared_rows: dict[int, tuple[nn.Parameter, Tensor]] = {}
         calls_by_module = differentiation.calls_by_module
-        for module in list(calls_by_module):
+        forward_order = {module: index for index, module in enumerate(calls_by_module)}
+        for module in sorted(calls_by_module, key=self._parameter_count):
             calls = calls_by_module.pop(module)
             module_steps: list[_WeightedGradients] = []
             for assignment in self._coverage.assignments[module]:
@@ -405,7 +406,7 @@ class Engine:
                             row = shared_rows[id(param)][1] + row
                         shared_rows[id(param)] = (param, row)
             if module_steps:
-                steps.modules.append((calls, module_steps))
+                steps.modules.append((forward_order[module], calls, module_steps))
             # What the calls of a module hold is needed by its own blocks only; the functions of
             # the fused step hold what they need (rows, for some rules, are smaller than the
             # inputs and output gradients, which can then be freed before the weights are known).
@@ -417,14 +418,29 @@ class Engine:
         assert gramian is not None
         return gramian, steps
 
+    def _parameter_count(self, module: nn.Module) -> int:
+        """The order of the modules' blocks: the fewest parameters first.
+
+        Until the weights are known, the fused step holds, for each module, its inputs and output
+        gradients or what its rules keep instead (e.g. rows, ``R`` per parameter). Modules with
+        few parameters (norms) free their inputs and output gradients for small rows: done first,
+        they lower the memory held while the larger modules build their rows.
+        """
+        return sum(
+            param.numel()
+            for assignment in self._coverage.assignments[module]
+            for param in assignment.params.values()
+        )
+
     def _write_gradients(self, steps: _GradientSteps, weights: Tensor) -> None:
         """Accumulate each gradient into ``.grad``, module by module, freeing what was used.
 
         The last modules of the forward pass come first, as in a backward pass: their inputs are
-        usually the largest activations.
+        usually the largest activations, and their parameters not the largest.
         """
+        steps.modules.sort(key=lambda module: module[0])
         while steps.modules:
-            calls, module_steps = steps.modules.pop()
+            _, calls, module_steps = steps.modules.pop()
             # The steps hold what they need, and free it as they go.
             _release(calls)
             grads: dict[Tensor, Tensor] = {}
@@ -449,12 +465,13 @@ _WeightedGradients = tuple[Callable[[Tensor], dict[str, Tensor]], dict[str, nn.P
 class _GradientSteps:
     """What gives the gradients of the fused step, once the weights are known.
 
-    :param modules: For each module, its calls and, for each of its rules, the function of the
-        weights giving the gradients (by name) and the parameters (by name).
+    :param modules: For each module, its position in the forward pass, its calls and, for each
+        of its rules, the function of the weights giving the gradients (by name) and the
+        parameters (by name).
     :param shared: Each parameter covered by several modules, with its summed rows.
     """
 
-    modules: list[tuple[list[Call], list[_WeightedGradients]]] = field(default_factory=list)
+    modules: list[tuple[int, list[Call], list[_WeightedGradients]]] = field(default_factory=list)
     shared: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
 
 
