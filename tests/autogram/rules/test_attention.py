@@ -203,7 +203,15 @@ def _encoder() -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    "case", ["encoder", "encoder_causal", "reused_with_weights", "seq_first_summed", "unbatched"]
+    "case",
+    [
+        "encoder",
+        "encoder_causal",
+        "encoder_checkpointed",
+        "reused_with_weights",
+        "seq_first_summed",
+        "unbatched",
+    ],
 )
 @pytest.mark.parametrize("keep_rows", [False, True])
 def test_engine_reads_self_attention_from_the_graph(
@@ -248,7 +256,11 @@ def test_engine_reads_self_attention_from_the_graph(
         kwargs = {"mask": mask, "is_causal": True} if case == "encoder_causal" else {}
 
         def forward() -> Tensor:
-            return model(x, **kwargs).sum(dim=1)  # [B, 8]: 8 seeds
+            if case == "encoder_checkpointed":  # the saved tensors are recomputed when read
+                output = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+            else:
+                output = model(x, **kwargs)
+            return output.sum(dim=1)  # [B, 8]: 8 seeds
 
     elif case == "reused_with_weights":
         model = _TwoSelfAttentions(batch_first=True).double()
