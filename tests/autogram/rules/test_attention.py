@@ -308,3 +308,26 @@ def _reference_gramian(output: Tensor, params: list[Tensor]) -> Tensor:
     shape = tuple(output.shape)
     order = (*range(len(shape)), *reversed(range(len(shape), 2 * len(shape))))
     return gramian.reshape(shape + shape).permute(order)
+
+
+def test_engine_ignores_attention_calls_whose_graph_was_freed() -> None:
+    """Calls recorded during a forward pass that an ordinary backward consumed are not reached by
+    the engine's next backward pass: reading their graph must not fail."""
+    from torchjd.aggregation import MeanWeighting
+    from torchjd.autogram import Engine
+
+    torch.manual_seed(0)
+    model = _encoder().double()
+    engine = Engine(model, batch_dim=0)
+    x = torch.randn(3, 5, 8, dtype=F64)
+    model(x).sum().backward()  # recorded by the engine's hooks, graph freed
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    output = model(x).sum(dim=(1, 2))
+    expected = torch.autograd.grad(output, params, torch.full((3,), 1 / 3, dtype=F64),
+                                   retain_graph=True)  # fmt: skip
+    engine.backward(output, MeanWeighting())
+    for p, want in zip(params, expected):
+        assert p.grad is not None
+        assert torch.allclose(p.grad, want, rtol=1e-9, atol=1e-10)

@@ -290,9 +290,16 @@ def _read_graph(module: nn.MultiheadAttention, call: Call) -> None:
 
 
 def _saved_input(node: Node) -> Tensor | None:
-    """The matrix ``x`` that a node of ``x @ weightᵀ`` saved (its rows are the positions)."""
+    """The matrix ``x`` that a node of ``x @ weightᵀ`` saved (its rows are the positions).
+
+    ``None`` when the graph was already freed (a call recorded during a forward pass that
+    something else differentiated, which the engine's backward pass will not reach).
+    """
     for name in ("_saved_mat1", "_saved_self"):
-        saved = getattr(node, name, None)
+        try:
+            saved = getattr(node, name, None)
+        except RuntimeError:
+            return None
         if isinstance(saved, Tensor):
             return saved
     return None
