@@ -262,10 +262,7 @@ def solve_small(
     unit_error = _TOLERANCE * m * _FLOAT64_EPS
     # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
     neg_lower_scale = torch.linalg.vector_norm(lower, 1, dim=1, keepdim=True).mul_(-unit_error)
-    if m >= WARM_START_MIN_SIZE:
-        free = _warm_start(lower, gramian, identity)
-    else:
-        free = linear < 0
+    free = _warm_start(lower, gramian, identity) if m >= WARM_START_MIN_SIZE else linear < 0
     for _ in range(_SMALL_MAX_ROUNDS):
         torch.where(free, diagonal, penalised, out=system_diagonals)
         factor, info = torch.linalg.cholesky_ex(systems)
