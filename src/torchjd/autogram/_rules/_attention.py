@@ -474,14 +474,21 @@ class MultiheadAttentionRule(GramianRule):
             return super().gramian_then_weighted_gradients(module, calls, params, batched)
         # The attention core is back-propagated once: the weighted gradient combines its results.
         uses = _uses(attention, calls, batched)
-        if _keeps_rows(uses, params, batched):
+        # As in an ordinary backward pass, parameters that the output does not reach (out_proj's,
+        # when only the attention weights are used) get no gradient; their rows are zero.
+        reached = [
+            name
+            for name in params
+            if not name.startswith("out_proj.") or any(use.output_grads is not None for use in uses)
+        ]
+        if reached and _keeps_rows(uses, reached, batched):
             return gramian_and_weighted_rows(
-                attention, _consumed_rows(attention, uses, calls, params, batched)
+                attention, _consumed_rows(attention, uses, calls, reached, batched)
             )
         gramian = _gramian_from_uses(attention, uses, params, batched)
 
         def weighted(weights: Tensor) -> dict[str, Tensor]:
-            result = _weighted_from_uses(attention, uses, params, batched, weights)
+            result = _weighted_from_uses(attention, uses, reached, batched, weights)
             uses.clear()
             return result
 
@@ -664,7 +671,10 @@ def _consumed_rows(
         module, uses, [name for name in params if name.startswith("in_")], batched
     )
     for use in uses:
-        use.inputs, use.input_grads, use.stacked_grads = {}, {}, None
+        # A zero-stride stand-in keeps the shape of the gradients (for `_shape`), not their memory.
+        shape = use.input_grads["q"].shape
+        use.input_grads = {"q": use.input_grads["q"].new_empty(()).expand(shape)}
+        use.inputs, use.stacked_grads = {}, None
     out = [name for name in params if name.startswith("out_")]
     rows.update(_rows_from_uses(module, uses, out, batched) if out else {})
     uses.clear()
@@ -680,7 +690,8 @@ def _weighted_sequence_first(
     """The weighted gradients of uses found in the graph, in their sequence-first layout.
 
     Each projection is one product over all positions, ``(Σ_k w_k ∘ D_k)ᵀ X``, with the combined
-    gradients written sequence-first, as the saved inputs are: no operand is copied.
+    gradients written sequence-first, as the gradients of the projection and the saved input of
+    ``out_proj`` are (the query, batch-first, is the one operand copied).
     """
     totals: dict[str, Tensor] = {}
 
