@@ -1,14 +1,16 @@
 """The dual-cone projections of small problems on the CPU, where the overhead of each torch
-operation (microseconds) costs more than the arithmetic.
+operation (about a microsecond) costs more than the arithmetic.
 
 Two paths, both block principal pivoting from the free sets ``{j : (G u)_j < 0}`` (see
-:mod:`torchjd.aggregation._dual_cone` for the problem and the method): problems with ``m ≤ 5``
-(and at most 16 of them) in plain Python floats, one at a time; problems with ``m ≤ 32`` batched,
-with about a dozen torch operations per round (full-size systems where a huge diagonal penalty
-pins the indices off the free set, no ridge, no warm start). Both certify their result (finite
-input, positive semi-definite ``G``, non-singular systems, optimality up to rounding errors) and
-otherwise return ``None``, leaving the problem to the general solver. UPGrad and DualProj call them
-with their normalisation (trace, ``norm_eps``, ``reg_eps``) fused in.
+:mod:`torchjd.aggregation._dual_cone` for the problem and the method): few small problems
+(``m ≤ 8``, at most 16 problems and ``rows · m² ≤ 256``) in plain Python floats, one at a time;
+problems with ``m ≤ 32`` batched, with about ten torch operations per round (full-size systems
+where a huge diagonal penalty pins the indices off the free set, no ridge), from ``m = 20`` after a
+warm start of a few splitting iterations. Rows that still cycle after a few rounds (rounding errors
+of ill-conditioned systems) go on with Murty's least-index rule, one index per round. Both paths
+certify their result (finite input, positive semi-definite ``G``, non-singular systems, optimality
+up to rounding errors) and otherwise return ``None``, leaving the problem to the general solver.
+UPGrad and DualProj call them with their normalisation (trace, ``norm_eps``, ``reg_eps``) fused in.
 """
 
 from __future__ import annotations
@@ -213,11 +215,12 @@ def solve_small(
     """CPU path for small ``m``, with as few torch operations as possible (each costs about a
     microsecond, more than the arithmetic): block principal pivoting from the free sets
     ``{j : (G u)_j < 0}``, every round one batched Cholesky factorisation of full-size systems,
-    exact (no ridge). Returns the offsets ``x = v − u``, or ``None`` if the result cannot be
-    certified cheaply (non-finite or not clearly positive semi-definite input, a singular system,
-    no convergence in a few rounds): the general path then decides. With ``norm_eps``, ``G`` is
-    first replaced by ``G / trace(G) + reg_eps I`` (``reg_eps I`` if the trace is below
-    ``norm_eps``), as UPGrad and DualProj do.
+    exact (no ridge); from ``m = WARM_START_MIN_SIZE``, from the guess of :func:`_warm_start`; rows
+    that cycle finish with :func:`_least_index_pivoting`. Returns the offsets ``x = v − u``, or
+    ``None`` if the result cannot be certified cheaply (non-finite or not clearly positive
+    semi-definite input, a singular system, no convergence): the general path then decides.
+    With ``norm_eps``, ``G`` is first replaced by ``G / trace(G) + reg_eps I`` (``reg_eps I`` if
+    the trace is below ``norm_eps``), as UPGrad and DualProj do.
 
     The systems are ``(G + M D) x = −G u`` with ``D`` the diagonal indicator of the indices off
     the free set ``F`` and ``M`` huge: ``x`` is zero off ``F`` and solves ``G_FF x_F = −(G u)_F``
@@ -353,7 +356,7 @@ def _warm_start(lower: Tensor, gramian: Tensor, identity: Tensor) -> Tensor:
     resolvent = torch.cholesky_inverse(
         torch.linalg.cholesky_ex(torch.add(identity, gramian, alpha=1.0 / geometric_mean))[0]
     )
-    point = lower
+    point = projected = lower
     for _ in range(_WARM_START_ITERATIONS):
         reflected = torch.addmm(point, point, resolvent, beta=-1.0, alpha=2.0)
         projected = torch.maximum(lower, reflected)
