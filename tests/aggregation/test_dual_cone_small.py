@@ -274,3 +274,30 @@ def test_upgrad_weights_are_those_of_the_general_path(m: int) -> None:
         monkeypatch.setattr(small, "SMALL_MAX_SIZE", 0)
         expected = UPGradWeighting()(gramian)
     assert_close(weights, expected, atol=0.0, rtol=1e-9)
+
+
+def test_cycling_rows_finish_by_the_least_index_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ill-conditioned (low-rank, lightly regularised) problems on which the block exchanges cycle:
+    # without the least-index rounds, the small paths give up; with them, they solve exactly.
+    cases = []
+    for m, seed in [(6, 1), (16, 13)]:
+        matrix = sample("low_rank", m, 10, seed=seed)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(seed)
+        if m == 6:
+            lower = torch.randn(4, m, generator=generator, dtype=torch.float64)
+        else:
+            lower = torch.diag(torch.full((m,), 1.0 / m, dtype=torch.float64))
+        cases.append((matrix @ matrix.T, lower, 1e-4, 1e-4))
+
+    def solve(problem: Problem) -> Tensor | None:
+        gramian, lower, norm_eps, reg_eps = problem
+        if small._fits_tiny(lower.shape[0], gramian.shape[0]):
+            tiny = small.project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
+            return None if tiny is None else torch.tensor(tiny, dtype=torch.float64)
+        return small.project_small(lower, gramian, norm_eps, reg_eps)
+
+    for problem in cases:
+        _check(problem, solve(problem), must_solve=True)
+    monkeypatch.setattr(small, "_LEAST_INDEX_ROUNDS_PER_SIZE", 0)
+    for problem in cases:
+        assert solve(problem) is None
