@@ -116,7 +116,7 @@ def _check(problem: Problem, solution: Tensor | None, *, must_solve: bool) -> Te
 def test_paths_match_the_general_path_and_brute_force(problem: Problem) -> None:
     gramian, lower, norm_eps, reg_eps = problem
     tiny = small.project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
-    fits = small._fits_tiny(lower.shape[0], gramian.shape[0])
+    fits = small.fits_tiny(lower.shape[0], gramian.shape[0])
     tiny_solution = None if tiny is None else torch.tensor(tiny, dtype=torch.float64)
     expected = _check(problem, tiny_solution, must_solve=fits and reg_eps > 0.0)
     _check(problem, small.project_small(lower, gramian, norm_eps, reg_eps), must_solve=reg_eps > 0)
@@ -156,7 +156,7 @@ def test_small_paths_solve_the_usual_problems(norm_eps: float) -> None:
             lower = torch.diag(torch.full((m,), 1.0 / m, dtype=torch.float64))
             problem = (gramian, lower, norm_eps, 1e-4)
             _check(problem, small.project_small(lower, gramian, norm_eps, 1e-4), must_solve=True)
-            if small._fits_tiny(m, m):
+            if small.fits_tiny(m, m):
                 tiny = small.project_tiny(lower.tolist(), gramian, norm_eps, 1e-4)
                 assert tiny is not None
                 _check(problem, torch.tensor(tiny, dtype=torch.float64), must_solve=True)
@@ -291,7 +291,7 @@ def test_cycling_rows_finish_by_the_least_index_rule(monkeypatch: pytest.MonkeyP
 
     def solve(problem: Problem) -> Tensor | None:
         gramian, lower, norm_eps, reg_eps = problem
-        if small._fits_tiny(lower.shape[0], gramian.shape[0]):
+        if small.fits_tiny(lower.shape[0], gramian.shape[0]):
             tiny = small.project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
             return None if tiny is None else torch.tensor(tiny, dtype=torch.float64)
         return small.project_small(lower, gramian, norm_eps, reg_eps)

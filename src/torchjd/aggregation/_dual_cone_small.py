@@ -61,7 +61,7 @@ def project_tiny(
     (then the caller uses the general path).
     """
     m = gramian.shape[0]
-    if gramian.device.type != "cpu" or not _fits_tiny(len(lower), m):
+    if gramian.device.type != "cpu" or not fits_tiny(len(lower), m):
         return None
     # Reading a CPU tensor into Python floats is a copy, not a synchronisation.
     entries = gramian.detach().tolist()
@@ -85,7 +85,7 @@ def solve_tiny(lower: list[list[float]], gramian: list[list[float]]) -> list[lis
     be certified cheaply (non-finite or not clearly positive semi-definite input, a singular
     system, no convergence in a few rounds): the general path then decides."""
     m = len(gramian)
-    if not _fits_tiny(len(lower), m):
+    if not fits_tiny(len(lower), m):
         return None
     columns = range(m)
     trace = sum(gramian[i][i] for i in columns)
@@ -152,8 +152,9 @@ def solve_tiny(lower: list[list[float]], gramian: list[list[float]]) -> list[lis
     return solutions
 
 
-def _fits_tiny(rows: int, size: int) -> bool:
-    """Whether ``rows`` problems of size ``size`` go to the Python path (see `TINY_MAX_SIZE`)."""
+def fits_tiny(rows: int, size: int) -> bool:
+    """Whether ``rows`` problems of size ``size`` go to the Python path (see `TINY_MAX_SIZE`): a
+    caller can test it before reading the lower bounds into Python floats."""
     return size <= TINY_MAX_SIZE and rows <= TINY_MAX_ROWS and rows * size * size <= _TINY_MAX_WORK
 
 
