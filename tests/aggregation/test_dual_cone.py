@@ -289,6 +289,7 @@ def test_bad_inputs_are_rejected() -> None:
 def test_not_converging_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dual_cone, "_max_rounds", lambda m: 1)
     monkeypatch.setattr(dual_cone_small, "_SMALL_MAX_ROUNDS", 1)
+    monkeypatch.setattr(dual_cone_small, "_LEAST_INDEX_ROUNDS_PER_SIZE", 0)
     gramian = _normalized(sample_matrix(10, 10, seed=0))
     with pytest.raises(RuntimeError, match="did not converge"):
         solve_dual_cone_qp(_upgrad_lower(10, torch.Generator().manual_seed(0)), gramian)

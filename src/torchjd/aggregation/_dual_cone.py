@@ -130,7 +130,7 @@ def project_onto_dual_cone(
     :returns: The minimisers, ``[k, m]``, of the dtype and device of ``lower``.
     """
     if solver == "active_set":
-        if lower.device.type == "cpu" and gramian.shape[0] <= small.TINY_MAX_SIZE:
+        if lower.device.type == "cpu" and small.fits_tiny(lower.shape[0], gramian.shape[0]):
             solutions = small.project_tiny(lower.tolist(), gramian, norm_eps, reg_eps)
             if solutions is not None:
                 return torch.tensor(solutions, dtype=lower.dtype).reshape(lower.shape)
@@ -176,7 +176,7 @@ def solve_dual_cone_qp(weights: Tensor, gramian: Tensor) -> Tensor:
     if weights.numel() == 0:
         return weights.detach().clone()
     on_cpu = gramian.device.type == "cpu" and weights.device.type == "cpu"
-    if on_cpu and m <= small.TINY_MAX_SIZE and weights.numel() <= small.TINY_MAX_ROWS * m:
+    if on_cpu and small.fits_tiny(weights.numel() // max(m, 1), m):
         # Reading CPU tensors into Python floats is a copy, not a synchronisation.
         solutions = small.solve_tiny(
             weights.detach().reshape(-1, m).tolist(), gramian.detach().tolist()
