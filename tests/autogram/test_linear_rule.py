@@ -23,6 +23,9 @@ SHAPES = [
     ([(2, 2, 3, 5)], 2),
     ([(4, 5), (4, 5)], 1),
     ([(3, 5), (3, 4, 5), (3, 2, 2, 5)], 2),
+    # Per-sample rows larger than the inputs and gradients: materialised in parts of features.
+    ([(4, 2, 5)], 1),
+    ([(4, 2, 5)], 2),
 ]
 
 

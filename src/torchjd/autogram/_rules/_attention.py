@@ -661,15 +661,26 @@ def _consumed_rows(
     calls: Sequence[Call],
     params: Sequence[str],
     batched: bool,
-) -> dict[str, Tensor]:
+) -> dict[str, Tensor | list[Tensor]]:
     """The rows of ``params``, dropping the uses' tensors (and what the calls found in the graph)
     as soon as the rows that need them are made: the rows replace them."""
     for call in calls:
         call.internal_grads.clear()
         call.saved.clear()
-    rows = _rows_from_uses(
-        module, uses, [name for name in params if name.startswith("in_")], batched
+    rows: dict[str, Tensor | list[Tensor]] = {}
+    rows.update(
+        _rows_from_uses(
+            module, uses, [name for name in params if name.startswith("in_proj_b")], batched
+        )
     )
+    if "in_proj_weight" in params:
+        # One part per projection: no allocation larger than the gradients of q, k and v.
+        seeds, batch = _shape(uses)
+        count = seeds * batch if batched else seeds
+        rows["in_proj_weight"] = [
+            weight_per_sample(_projection_terms(uses, (name,)), batched).reshape(count, -1)
+            for name in _PROJECTIONS
+        ]
     for use in uses:
         # A zero-stride stand-in keeps the shape of the gradients (for `_shape`), not their memory.
         shape = use.input_grads["q"].shape

@@ -8,7 +8,7 @@ combined calls (one seed, summed over samples), and the rules' summed-mode code 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -135,12 +135,19 @@ def combine_per_sample(grads: Tensor, per_sample: Tensor) -> Tensor:
 
 
 def gramian_and_weighted_rows(
-    module: nn.Module, rows: dict[str, Tensor]
+    module: nn.Module, rows: Mapping[str, Tensor | Sequence[Tensor]]
 ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
     """The Gramian of materialised ``rows`` (``[R, *param.shape]`` by name), and the function of
     the weights ``[R]`` giving their weighted sums (one ``[R] @ [R, p]`` product per parameter).
+
+    A list of tensors is the rows of one parameter in parts (``[R, ...]`` each, the parameter's
+    flattened entries in order): a rule may materialise large rows that way, so that no single
+    allocation is much larger than the layer's own tensors.
     """
-    gramian = gram(list(rows.values()))
+    parts_by_name = {
+        name: [value] if isinstance(value, Tensor) else list(value) for name, value in rows.items()
+    }
+    gramian = gram([part for parts in parts_by_name.values() for part in parts])
     count = gramian.shape[0]
 
     def weighted(weights: Tensor) -> dict[str, Tensor]:
@@ -150,11 +157,12 @@ def gramian_and_weighted_rows(
                 f"found {tuple(weights.shape)}."
             )
         result = {}
-        for name, row in rows.items():
+        for name, parts in parts_by_name.items():
             parameter = module.get_parameter(name)
-            flat = weights.to(dtype=row.dtype) @ row.reshape(count, -1)
+            products = [weights.to(dtype=part.dtype) @ part.reshape(count, -1) for part in parts]
+            flat = products[0] if len(products) == 1 else torch.cat(products)
             result[name] = flat.view(parameter.shape).to(dtype=parameter.dtype)
-        rows.clear()
+        parts_by_name.clear()
         return result
 
     return gramian, weighted

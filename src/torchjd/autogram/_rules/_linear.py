@@ -142,22 +142,25 @@ register_rule(nn.Linear, LinearRule())
 
 
 def _weighted_rows(
-    module: nn.Module, params: Sequence[str], kept: dict[str, Tensor]
+    module: nn.Module, params: Sequence[str], kept: dict[str, Tensor | list[Tensor]]
 ) -> Callable[[Tensor], dict[str, Tensor]]:
-    """The function of the weights ``[R]`` giving ``weights @ rows`` for the kept rows."""
+    """The function of the weights ``[R]`` giving ``weights @ rows`` for the kept rows (a list:
+    the rows in parts of consecutive entries)."""
 
     def weighted(weights: Tensor) -> dict[str, Tensor]:
-        count = kept["weight"].shape[0]
-        if weights.shape != (count,):
-            raise ValueError(
-                f"Expected `weights` to have shape ({count},), one weight per Jacobian row; "
-                f"found {tuple(weights.shape)}."
-            )
         result = {}
         for name in params:
             rows = kept.pop(name)
+            parts = [rows] if isinstance(rows, Tensor) else rows
+            count = parts[0].shape[0]
+            if weights.shape != (count,):
+                raise ValueError(
+                    f"Expected `weights` to have shape ({count},), one weight per Jacobian row; "
+                    f"found {tuple(weights.shape)}."
+                )
+            products = [_cast(weights, part.dtype) @ part for part in parts]
+            flat = products[0] if len(products) == 1 else torch.cat(products)
             parameter = _tensor_attribute(module, name)
-            flat = _cast(weights, rows.dtype) @ rows
             result[name] = _cast(flat.view(parameter.shape), parameter.dtype)
         return result
 
@@ -310,9 +313,10 @@ def _gramian(
     with_bias: bool,
     keep_rows: bool,
     into: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """The Gramian by the cheaper exact form, and the rows ``[R, b·a]`` (and ``[R, b]`` for the
-    bias), by parameter name, if the per-sample form materialised them.
+) -> tuple[Tensor, dict[str, Tensor | list[Tensor]] | None]:
+    """The Gramian by the cheaper exact form, and the rows ``[R, b·a]`` (in parts, see
+    :func:`_weight_row_parts`; and ``[R, b]`` for the bias), by parameter name, if the per-sample
+    form materialised them.
 
     The rows are only returned when ``keep_rows`` and when they take at most
     ``_KEPT_ROWS_FACTOR`` times the memory of the terms' inputs and output gradients (for the fused
@@ -323,16 +327,20 @@ def _gramian(
     if with_weight and len(terms) == 1 and terms[0].positions == 1:
         return _one_vector_gramian(terms[0], with_bias, into), None
     gramian: Tensor | None = None
-    kept: dict[str, Tensor] | None = None
+    kept: dict[str, Tensor | list[Tensor]] | None = None
     if with_weight:
         if _ghost_cost(terms) <= _per_sample_cost(terms):
             gramian = _ghost_gramian(terms)
         else:
-            rows = _weight_rows(terms).flatten(start_dim=1)
-            gramian = rows @ rows.T
+            parts = _weight_row_parts(terms)
+            gramian = parts[0] @ parts[0].T
+            for part in parts[1:]:
+                gramian.addmm_(part, part.T)
             held = sum(term.inputs.numel() + term.grads.numel() for term in terms)
-            if keep_rows and rows.numel() <= _KEPT_ROWS_FACTOR * held:
-                kept = {"weight": rows}
+            rows_count = sum(part.numel() for part in parts)
+            if keep_rows and rows_count <= _KEPT_ROWS_FACTOR * held:
+                kept = {"weight": parts}
+            del parts
     if with_bias:
         bias_rows = _bias_rows(terms)
         if gramian is None:
@@ -345,6 +353,23 @@ def _gramian(
     if into is not None:
         gramian = into.add_(gramian)
     return gramian, kept
+
+
+def _weight_row_parts(terms: Sequence[_Term]) -> list[Tensor]:
+    """The rows ``[R, b·a]`` in parts ``[R, b_j·a]`` of consecutive output features, none larger
+    than the largest input or output gradients of the calls: a layer's rows may exceed both
+    (``R·a·b`` against ``B·T·(a + b)``), and smaller allocations reuse the memory that the
+    backward pass freed instead of mapping (and faulting in) fresh pages.
+    """
+    num_seeds, batch_size, _, out_features = terms[0].grads.shape
+    in_features = terms[0].inputs.shape[2]
+    budget = max(max(term.inputs.numel(), term.grads.numel()) for term in terms)
+    block = max(1, min(out_features, budget // (num_seeds * batch_size * in_features)))
+    parts = []
+    for start in range(0, out_features, block):
+        block_terms = [_Term(term.inputs, term.grads[..., start : start + block]) for term in terms]
+        parts.append(_weight_rows(block_terms).flatten(start_dim=1))
+    return parts
 
 
 def _weight_rows(terms: Sequence[_Term]) -> Tensor:
