@@ -6,12 +6,12 @@ needs nothing but torch), and quadprog when it is installed (parity tests only).
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 from _asserts import assert_close
+from _dual_cone_references import brute_force, kkt_violation, solution_scale
 from _matrices import SCALES, matrices, sample, sample_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,57 +40,6 @@ def _normalized(matrix: Tensor, reg_eps: float = 1e-4) -> Tensor:
     if trace > 0:
         gramian = gramian / trace
     return gramian + reg_eps * torch.eye(gramian.shape[0], dtype=gramian.dtype)
-
-
-def _kkt_violation(gramian: Tensor, lower: Tensor, solution: Tensor) -> float:
-    """Largest relative violation of the KKT conditions of ``min vᵀGv s.t. v ≥ u`` (per row:
-    ``λ = 2 G v`` must be non-negative, and zero wherever ``v > u``). Primal feasibility is
-    required exactly."""
-    assert (solution >= lower).all(), "v >= u violated"
-    multipliers = solution @ gramian  # λ / 2
-    # Natural scales, per row: of the terms of G v and G u, and of v and u.
-    magnitudes = solution.abs() + lower.abs()
-    product_scale = (magnitudes @ gramian.abs()).amax(dim=1, keepdim=True)
-    gap = solution - lower
-    gap_scale = torch.maximum(solution.abs(), lower.abs()).amax(dim=1, keepdim=True)
-    product_scale = product_scale.clamp_min(torch.finfo(gramian.dtype).tiny)
-    gap_scale = gap_scale.clamp_min(torch.finfo(gramian.dtype).tiny)
-    negativity = (-multipliers / product_scale).clamp_min(0.0)
-    # Complementarity: each index is either at its bound or has a zero multiplier.
-    complementarity = torch.minimum(gap / gap_scale, multipliers.abs() / product_scale)
-    return max(negativity.max().item(), complementarity.max().item())
-
-
-def _scale(expected: Tensor, lower: Tensor) -> float:
-    """The natural scale of the solutions, for relative tolerances: that of ``v`` and of ``u``
-    (``v`` alone can be zero up to rounding errors of the order of ``u``)."""
-    return max(expected.abs().max().item(), lower.abs().max().item())
-
-
-def _brute_force(gramian: Tensor, lower: Tensor) -> Tensor:
-    """The minimiser for one ``u``, by trying every free set (``m`` small, ``G`` positive
-    definite): the one whose solution has ``x ≥ 0`` on it and ``G v ≥ 0`` off it."""
-    m = gramian.shape[0]
-    linear = gramian @ lower
-    best: Tensor | None = None
-    best_violation = float("inf")
-    for size in range(m + 1):
-        for free in itertools.combinations(range(m), size):
-            offsets = torch.zeros(m, dtype=gramian.dtype)
-            if free:
-                index = torch.tensor(free)
-                offsets[index] = torch.linalg.solve(gramian[index][:, index], -linear[index])
-            products = gramian @ offsets + linear
-            mask = torch.zeros(m, dtype=torch.bool)
-            mask[list(free)] = True
-            violation = max(
-                (-offsets[mask]).clamp_min(0).max().item() if free else 0.0,
-                (-products[~mask]).clamp_min(0).max().item() if size < m else 0.0,
-            )
-            if violation < best_violation:
-                best, best_violation = lower + offsets.clamp_min(0), violation
-    assert best is not None
-    return best
 
 
 def _quadprog_solution(gramian: Tensor, lower: Tensor) -> Tensor:
@@ -129,8 +78,8 @@ def _problems(draw: st.DrawFn, max_rows: int = 12, reg_eps: float = 1e-4) -> tup
 def test_matches_brute_force(problem: tuple[Tensor, Tensor]) -> None:
     gramian, lower = problem
     solution = solve_dual_cone_qp(lower, gramian)
-    expected = torch.stack([_brute_force(gramian, u) for u in lower])
-    assert_close(solution, expected, atol=0.0, rtol=1e-9, scale=_scale(expected, lower))
+    expected = torch.stack([brute_force(gramian, u) for u in lower])
+    assert_close(solution, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower))
 
 
 @settings(max_examples=40, deadline=None)
@@ -138,7 +87,7 @@ def test_matches_brute_force(problem: tuple[Tensor, Tensor]) -> None:
 def test_kkt_conditions_hold(problem: tuple[Tensor, Tensor]) -> None:
     gramian, lower = problem
     solution = solve_dual_cone_qp(lower, gramian)
-    assert _kkt_violation(gramian, lower, solution) <= 1e-11
+    assert kkt_violation(gramian, lower, solution) <= 1e-11
 
 
 @settings(max_examples=25, deadline=None)
@@ -148,7 +97,7 @@ def test_kkt_conditions_hold_for_singular_gramians(problem: tuple[Tensor, Tensor
     # a minimiser; the minimiser is not unique there, the KKT conditions say it is one.
     gramian, lower = problem
     solution = solve_dual_cone_qp(lower, gramian)
-    assert _kkt_violation(gramian, lower, solution) <= 1e-9
+    assert kkt_violation(gramian, lower, solution) <= 1e-9
 
 
 @pytest.mark.parametrize("kind", ["full", "low_rank", "duplicated", "rank_one"])
@@ -177,7 +126,7 @@ def test_project_weights_dispatches_to_quadprog() -> None:
     gramian = _normalized(sample_matrix(6, 4, seed=2))
     lower = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = _quadprog_solution(gramian, lower)
-    scale = _scale(expected, lower)
+    scale = solution_scale(expected, lower)
     assert_close(project_weights(lower, gramian, "quadprog"), expected, atol=0.0, rtol=1e-12)
     assert_close(
         project_weights(lower, gramian, "active_set"), expected, atol=0.0, rtol=1e-9, scale=scale
@@ -212,14 +161,14 @@ def test_masked_path_agrees_with_gathered_path(m: int) -> None:
         )
         masked = lower + _solve_masked(_Problem(gramian, lower))
         assert_close(masked, solve_dual_cone_qp(lower, gramian), atol=0.0, rtol=1e-10)
-        assert _kkt_violation(gramian, lower, masked) <= 1e-11
+        assert kkt_violation(gramian, lower, masked) <= 1e-11
 
 
 def test_masked_path_on_a_singular_gramian() -> None:
     gramian = _normalized(sample("duplicated", 12, 5, seed=4), reg_eps=0.0)
     lower = _upgrad_lower(12, torch.Generator().manual_seed(2))
     masked = lower + _solve_masked(_Problem(gramian, lower))
-    assert _kkt_violation(gramian, lower, masked) <= 1e-9
+    assert kkt_violation(gramian, lower, masked) <= 1e-9
 
 
 def test_cold_start_and_small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,7 +182,7 @@ def test_cold_start_and_small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dual_cone, "_PATIENCE", 0)
     solution = solve_dual_cone_qp(lower, gramian)
     assert_close(solution, expected, atol=0.0, rtol=1e-10)
-    assert _kkt_violation(gramian, lower, solution) <= 1e-11
+    assert kkt_violation(gramian, lower, solution) <= 1e-11
 
 
 def test_zero_gramian_keeps_the_lower_bounds() -> None:
@@ -355,8 +304,8 @@ def test_enumeration_agrees_with_pivoting(m: int) -> None:
             enumerated = dual_cone._solve_by_enumeration(problem)
             assert enumerated is not None
             pivoted = dual_cone._solve_gathered(problem)
-            assert _kkt_violation(gramian, lower, lower + enumerated) <= 1e-12
-            assert _kkt_violation(gramian, lower, lower + pivoted) <= 1e-12
+            assert kkt_violation(gramian, lower, lower + enumerated) <= 1e-12
+            assert kkt_violation(gramian, lower, lower + pivoted) <= 1e-12
             if reg_eps > 0:  # The minimiser is unique.
                 assert_close(enumerated, pivoted, atol=1e-14, rtol=1e-10)
 
@@ -369,7 +318,7 @@ def test_singular_problems_where_pivoting_stalls(kind: str, m: int, n: int, seed
     lower = _upgrad_lower(m, torch.Generator().manual_seed(seed))
     for solve in (dual_cone._solve_gathered, _solve_masked):
         solution = lower + solve(_Problem(gramian, lower))
-        assert _kkt_violation(gramian, lower, solution) <= 1e-9
+        assert kkt_violation(gramian, lower, solution) <= 1e-9
 
 
 def test_gramians_rounded_to_low_precision() -> None:
@@ -382,7 +331,7 @@ def test_gramians_rounded_to_low_precision() -> None:
     solution = solve_dual_cone_qp(lower, rounded)
     clipped = dual_cone._positive_semi_definite_part(rounded / rounded.trace())
     assert torch.linalg.eigvalsh(clipped).min() > -1e-15
-    assert _kkt_violation(clipped, lower, solution) <= 1e-9
+    assert kkt_violation(clipped, lower, solution) <= 1e-9
     with pytest.raises(dual_cone._IndefiniteGramianError):
         _solve_masked(_Problem(rounded / rounded.trace(), lower))
     masked = lower + _solve_masked(_Problem(clipped, lower))
@@ -488,10 +437,10 @@ def test_lawson_hanson_does_not_cycle_on_a_singular_gramian() -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
         _general_path(monkeypatch)
         solution = solve_dual_cone_qp(lower, gramian)
-    assert _kkt_violation(gramian, lower, solution) <= 1e-9
+    assert kkt_violation(gramian, lower, solution) <= 1e-9
     symmetric = (gramian + gramian.T) / 2
     masked = lower + _solve_masked(_Problem(symmetric / symmetric.trace(), lower))
-    assert _kkt_violation(gramian, lower, masked) <= 1e-9
+    assert kkt_violation(gramian, lower, masked) <= 1e-9
 
 
 def _general_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -512,10 +461,10 @@ def test_small_paths_agree_with_the_general_path(
         _general_path(monkeypatch)
         general = solve_dual_cone_qp(lower, gramian)
     tolerance = 1e-11 if reg_eps > 0 else 1e-9
-    assert _kkt_violation(gramian, lower, fast) <= tolerance
-    assert _kkt_violation(gramian, lower, general) <= tolerance
+    assert kkt_violation(gramian, lower, fast) <= tolerance
+    assert kkt_violation(gramian, lower, general) <= tolerance
     if reg_eps > 0:  # The minimiser is unique.
-        assert_close(fast, general, atol=0.0, rtol=1e-9, scale=_scale(general, lower))
+        assert_close(fast, general, atol=0.0, rtol=1e-9, scale=solution_scale(general, lower))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 9, 17, 32])
@@ -625,8 +574,10 @@ def test_complement_path_agrees_with_the_gathered_path(
             solutions.append(solve_dual_cone_qp(lower, gramian))
         assert (calls.rows > 0) == always
     through_complement, gathered = solutions
-    assert _kkt_violation(gramian, lower, through_complement) <= 1e-11
-    assert_close(through_complement, gathered, atol=0.0, rtol=1e-10, scale=_scale(gathered, lower))
+    assert kkt_violation(gramian, lower, through_complement) <= 1e-11
+    assert_close(
+        through_complement, gathered, atol=0.0, rtol=1e-10, scale=solution_scale(gathered, lower)
+    )
 
 
 def test_complement_path_is_chosen_when_most_constraints_are_inactive() -> None:
@@ -637,7 +588,7 @@ def test_complement_path_is_chosen_when_most_constraints_are_inactive() -> None:
         solution = solve_dual_cone_qp(lower, gramian)
     assert calls.rows >= 96
     assert ((solution - lower) > 0).double().mean() > 0.8
-    assert _kkt_violation(gramian, lower, solution) <= 1e-11
+    assert kkt_violation(gramian, lower, solution) <= 1e-11
 
 
 def test_complement_path_needs_a_well_conditioned_gramian() -> None:
@@ -650,7 +601,7 @@ def test_complement_path_needs_a_well_conditioned_gramian() -> None:
     assert dual_cone._ComplementSolver.of(_Problem(well_conditioned, lower)) is not None
     # Rank-deficient Gramians are then solved by the gathered systems.
     solution = solve_dual_cone_qp(lower, singular)
-    assert _kkt_violation(singular, lower, solution) <= 1e-9
+    assert kkt_violation(singular, lower, solution) <= 1e-9
 
 
 def test_failed_complement_rows_are_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -669,8 +620,8 @@ def test_failed_complement_rows_are_gathered(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(dual_cone._ComplementSolver, "_solve_chunk", failing_odd_rows)
     solution = solve_dual_cone_qp(lower, gramian)
-    assert _kkt_violation(gramian, lower, solution) <= 1e-11
-    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=_scale(expected, lower))
+    assert kkt_violation(gramian, lower, solution) <= 1e-11
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))
 
 
 def test_systems_are_solved_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -680,4 +631,4 @@ def test_systems_are_solved_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dual_cone, "_CHUNK_ELEMENTS", 2000)
     assert len(list(dual_cone._chunks_by_size(torch.tensor([0, 3, 30, 9, 40, 40])))) == 4
     solution = solve_dual_cone_qp(lower, gramian)
-    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=_scale(expected, lower))
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))

@@ -9,11 +9,10 @@ but never return a wrong answer.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from _asserts import assert_close
+from _dual_cone_references import brute_force, kkt_violation, solution_scale
 from _matrices import SCALES, matrices, sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,45 +32,6 @@ def _general(lower: Tensor, gramian: Tensor) -> Tensor:
         monkeypatch.setattr(small, "TINY_MAX_SIZE", 0)
         monkeypatch.setattr(small, "SMALL_MAX_SIZE", 0)
         return solve_dual_cone_qp(lower, gramian)
-
-
-def _brute_force(gramian: Tensor, u: Tensor) -> Tensor:
-    """The minimiser for one ``u`` (``G`` positive definite, ``m ≤ 6``): the solution on the free
-    set that satisfies the optimality conditions best."""
-    m = gramian.shape[0]
-    linear = gramian @ u
-    best, best_violation = u, float("inf")
-    for size in range(m + 1):
-        for free in itertools.combinations(range(m), size):
-            offsets = torch.zeros(m, dtype=gramian.dtype)
-            if free:
-                index = torch.tensor(free)
-                offsets[index] = torch.linalg.solve(gramian[index][:, index], -linear[index])
-            products = gramian @ offsets + linear
-            mask = torch.zeros(m, dtype=torch.bool)
-            mask[list(free)] = True
-            violation = torch.where(mask, -offsets, -products).max().item()
-            if violation < best_violation:
-                best, best_violation = u + offsets.clamp_min(0.0), violation
-    return best
-
-
-def _kkt_violation(gramian: Tensor, lower: Tensor, solution: Tensor) -> float:
-    """Largest relative violation of the optimality conditions of ``min vᵀGv s.t. v ≥ u``:
-    ``y = G v ≥ 0``, and ``y = 0`` wherever ``v > u``; ``v ≥ u`` must hold exactly."""
-    assert (solution >= lower).all()
-    products = solution @ gramian
-    tiny = torch.finfo(torch.float64).tiny
-    product_scale = ((solution.abs() + lower.abs()) @ gramian.abs()).amax(1, keepdim=True)
-    gap_scale = torch.maximum(solution.abs(), lower.abs()).amax(1, keepdim=True)
-    product_scale, gap_scale = product_scale.clamp_min(tiny), gap_scale.clamp_min(tiny)
-    negativity = (-products / product_scale).clamp_min(0.0)
-    complementarity = torch.minimum((solution - lower) / gap_scale, products.abs() / product_scale)
-    return max(negativity.max().item(), complementarity.max().item())
-
-
-def _scale(expected: Tensor, lower: Tensor) -> float:
-    return max(expected.abs().max().item(), lower.abs().max().item())
 
 
 @st.composite
@@ -104,10 +64,10 @@ def _check(problem: Problem, solution: Tensor | None, *, must_solve: bool) -> Te
         return expected
     assert solution.shape == lower.shape and solution.dtype == lower.dtype
     if reg_eps > 0.0:  # The minimiser is unique.
-        assert_close(solution, expected, atol=0.0, rtol=1e-9, scale=_scale(expected, lower))
-        assert _kkt_violation(regularized, lower, solution) <= 1e-11
+        assert_close(solution, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower))
+        assert kkt_violation(regularized, lower, solution) <= 1e-11
     else:
-        assert _kkt_violation(regularized, lower, solution) <= 1e-9
+        assert kkt_violation(regularized, lower, solution) <= 1e-9
     return expected
 
 
@@ -122,8 +82,10 @@ def test_paths_match_the_general_path_and_brute_force(problem: Problem) -> None:
     _check(problem, small.project_small(lower, gramian, norm_eps, reg_eps), must_solve=reg_eps > 0)
     if reg_eps > 0.0:
         regularized = regularize(normalize(gramian, norm_eps), reg_eps)
-        brute_force = torch.stack([_brute_force(regularized, u) for u in lower])
-        assert_close(expected, brute_force, atol=0.0, rtol=1e-9, scale=_scale(expected, lower))
+        reference = torch.stack([brute_force(regularized, u) for u in lower])
+        assert_close(
+            expected, reference, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower)
+        )
 
 
 @settings(max_examples=30, deadline=None)
@@ -172,16 +134,20 @@ def test_solvers_without_normalisation(m: int) -> None:
     expected = _general(lower, gramian)
     offsets = small.solve_small(lower, gramian)
     assert offsets is not None
-    assert_close(lower + offsets, expected, atol=0.0, rtol=1e-9, scale=_scale(expected, lower))
+    assert_close(
+        lower + offsets, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower)
+    )
     tiny = small.solve_tiny(lower.tolist(), gramian.tolist())
     if m <= small.TINY_MAX_SIZE:
         assert tiny is not None
         solution = torch.tensor(tiny, dtype=torch.float64)
-        assert_close(solution, expected, atol=0.0, rtol=1e-9, scale=_scale(expected, lower))
+        assert_close(solution, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower))
     else:
         assert tiny is None
     through_dispatch = solve_dual_cone_qp(lower, gramian)
-    assert_close(through_dispatch, expected, atol=0.0, rtol=1e-9, scale=_scale(expected, lower))
+    assert_close(
+        through_dispatch, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower)
+    )
 
 
 def _hard_inputs() -> list[tuple[str, Tensor, Tensor]]:
