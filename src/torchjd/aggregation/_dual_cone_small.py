@@ -262,20 +262,12 @@ def solve_small(
     diagonal = gramian.diagonal()
     penalised = torch.add(diagonal, _penalties(b + 1, m))
     systems = gramian.expand(b + 1, m, m).clone()
-    system_diagonals = systems.diagonal(dim1=1, dim2=2)
     unit_error = _TOLERANCE * m * _FLOAT64_EPS
-    # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
     neg_lower_scale = torch.linalg.vector_norm(lower, 1, dim=1, keepdim=True).mul_(-unit_error)
     free = _warm_start(lower, gramian, identity) if m >= WARM_START_MIN_SIZE else linear < 0
     for _ in range(_SMALL_MAX_ROUNDS):
-        torch.where(free, diagonal, penalised, out=system_diagonals)
-        factor, info = torch.linalg.cholesky_ex(systems)
-        offsets = torch.cholesky_solve(neg_linear, factor).squeeze_(2)
-        both = torch.addmm(linear, offsets, shifted)
-        neg_tolerance = torch.add(
-            neg_lower_scale,
-            torch.linalg.vector_norm(offsets, 1, dim=1, keepdim=True),
-            alpha=-unit_error,
+        info, offsets, both, neg_tolerance = _solve_free_systems(
+            systems, free, diagonal, penalised, linear, neg_linear, shifted, neg_lower_scale
         )
         wrong = both < neg_tolerance
         if not wrong.any().item():
@@ -306,6 +298,34 @@ def solve_small(
     return torch.where(free[:b], offsets[:b].clamp_min_(0.0), _zero())
 
 
+def _solve_free_systems(
+    systems: Tensor,
+    free: Tensor,
+    diagonal: Tensor,
+    penalised: Tensor,
+    linear: Tensor,
+    neg_linear: Tensor,
+    shifted: Tensor,
+    neg_lower_scale: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One round of :func:`solve_small`: write the diagonals of the penalised ``systems``
+    (``diagonal`` on ``F``, ``penalised`` off it), solve them for the right-hand sides
+    ``neg_linear`` (``−G u``), and return the factorisations' ``info``, the offsets ``x``,
+    ``x + y`` (``shifted`` is ``G + I``) and the negated tolerances of the sign tests."""
+    m = free.shape[1]
+    torch.where(free, diagonal, penalised, out=systems.diagonal(dim1=1, dim2=2))
+    factor, info = torch.linalg.cholesky_ex(systems)
+    offsets = torch.cholesky_solve(neg_linear, factor).squeeze_(2)
+    both = torch.addmm(linear, offsets, shifted)
+    # The tolerance of the sign tests: m ε (|x| + |u|)₁, as |G_ij| ≤ 1 after normalisation.
+    neg_tolerance = torch.add(
+        neg_lower_scale,
+        torch.linalg.vector_norm(offsets, 1, dim=1, keepdim=True),
+        alpha=-_TOLERANCE * m * _FLOAT64_EPS,
+    )
+    return info, offsets, both, neg_tolerance
+
+
 def _least_index_pivoting(
     free: Tensor,
     linear: Tensor,
@@ -319,22 +339,14 @@ def _least_index_pivoting(
     exact arithmetic; here at most `_LEAST_INDEX_ROUNDS_PER_SIZE` times ``m``). Returns the free
     sets, offsets, ``x + y``, tolerances and the count of failed factorisations, or ``None``."""
     rows, m = free.shape
-    unit_error = _TOLERANCE * m * _FLOAT64_EPS
     neg_linear = torch.neg(linear).unsqueeze_(2)
     diagonal = gramian.diagonal()
     systems = gramian.expand(rows, m, m).clone()
-    system_diagonals = systems.diagonal(dim1=1, dim2=2)
     indices = torch.arange(m)
     failed = torch.zeros((), dtype=torch.int32)
     for _ in range(_LEAST_INDEX_ROUNDS_PER_SIZE * m):
-        torch.where(free, diagonal, penalised, out=system_diagonals)
-        factor, info = torch.linalg.cholesky_ex(systems)
-        offsets = torch.cholesky_solve(neg_linear, factor).squeeze_(2)
-        both = torch.addmm(linear, offsets, shifted)
-        neg_tolerance = torch.add(
-            neg_lower_scale,
-            torch.linalg.vector_norm(offsets, 1, dim=1, keepdim=True),
-            alpha=-unit_error,
+        info, offsets, both, neg_tolerance = _solve_free_systems(
+            systems, free, diagonal, penalised, linear, neg_linear, shifted, neg_lower_scale
         )
         wrong = both < neg_tolerance
         if not wrong.any().item():
