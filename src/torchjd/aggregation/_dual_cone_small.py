@@ -65,17 +65,24 @@ def project_tiny(
         return None
     # Reading a CPU tensor into Python floats is a copy, not a synchronisation.
     entries = gramian.detach().tolist()
-    trace = sum(entries[i][i] for i in range(m))
-    if trace < norm_eps:
-        scale = 0.0
-    elif trace > 0.0 and math.isfinite(trace):
-        scale = 1.0 / trace
-    else:
+    scale = _normalisation_scale(sum(entries[i][i] for i in range(m)), norm_eps)
+    if scale is None:
         return None
     regularized = [[entry * scale for entry in row] for row in entries]
     for i in range(m):
         regularized[i][i] += reg_eps
     return solve_tiny(lower, regularized)
+
+
+def _normalisation_scale(trace: float, norm_eps: float) -> float | None:
+    """The factor of UPGrad's normalisation ``G / trace(G)`` (zero if the trace is below
+    ``norm_eps``), or ``None`` for a trace that is not finite and positive (left to the general
+    path, which raises)."""
+    if trace < norm_eps:
+        return 0.0
+    if trace > 0.0 and math.isfinite(trace):
+        return 1.0 / trace
+    return None
 
 
 def solve_tiny(lower: list[list[float]], gramian: list[list[float]]) -> list[list[float]] | None:
@@ -237,13 +244,10 @@ def solve_small(
     trace = float(torch.trace(gramian))
     scale, ridge = 1.0, 0.0
     if norm_eps is not None:
-        if trace < norm_eps:
-            scale = 0.0
-        elif trace > 0.0 and math.isfinite(trace):
-            scale = 1.0 / trace
-        else:
+        normalisation = _normalisation_scale(trace, norm_eps)
+        if normalisation is None:
             return None
-        ridge = reg_eps
+        scale, ridge = normalisation, reg_eps
     total = scale * trace + m * ridge
     if not (total > 0.0 and math.isfinite(total)):
         return None
