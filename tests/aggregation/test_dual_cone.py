@@ -632,3 +632,20 @@ def test_systems_are_solved_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(list(dual_cone._chunks_by_size(torch.tensor([0, 3, 30, 9, 40, 40])))) == 4
     solution = solve_dual_cone_qp(lower, gramian)
     assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))
+
+
+@settings(max_examples=25, deadline=None)
+@given(_problems(max_rows=40))
+def test_complement_path_on_sampled_problems(problem: tuple[Tensor, Tensor]) -> None:
+    gramian, lower = problem
+    solutions = []
+    for always in (True, False):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            _general_path(monkeypatch)
+            _ComplementCalls(monkeypatch, always)
+            solutions.append(solve_dual_cone_qp(lower, gramian))
+    through_complement, gathered = solutions
+    assert kkt_violation(gramian, lower, through_complement) <= 1e-11
+    assert_close(
+        through_complement, gathered, atol=0.0, rtol=1e-9, scale=solution_scale(gathered, lower)
+    )
