@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -10,27 +11,56 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+_CPU = torch.device("cpu")
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+
+def bench_device() -> torch.device:
+    """The device the benchmarks run on: ``TORCHJD_BENCH_DEVICE`` (``cpu`` by default, ``cuda``
+    on a machine with a GPU)."""
+    return torch.device(os.environ.get("TORCHJD_BENCH_DEVICE", "cpu"))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU), so that wall times count it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(
+    fn: Callable[[], Any],
+    repeats: int = 10,
+    warmup: int = 2,
+    device: torch.device = _CPU,
+) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs, the work
+    queued on ``device`` included."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of the bytes allocated by torch on the CPU during ``fn()``, above the level at start.
+def peak_bytes(fn: Callable[[], Any], device: torch.device = _CPU) -> int:
+    """Peak of the bytes allocated by torch on ``device`` during ``fn()``, above the level at start.
 
-    Replays the profiler's raw allocation and free events in time order (the per-operator
-    summaries nest, so summing them double counts). Tensors that exist before the call (model,
-    data, optimizer state) are not counted; run ``fn`` once before, so that one-off allocations
-    are not counted either.
+    On CUDA, from the caching allocator's statistics. On the CPU, by replaying the profiler's raw
+    allocation and free events in time order (the per-operator summaries nest, so summing them
+    double counts). Tensors that exist before the call (model, data, optimizer state) are not
+    counted; run ``fn`` once before, so that one-off allocations are not counted either.
     """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     assert prof.profiler is not None

@@ -15,8 +15,10 @@ machine's load hits all steps alike). The peak memory is the most CPU memory all
 during one step above the level at its start, with the gradients set to ``None`` before the step
 (``optimizer.zero_grad()`` outside the measured region, so that freeing the previous gradients does
 not count). Run: ``python -m benchmarks bench_autogram`` (``make bench`` runs every suite).
-Two threads by default, ``TORCHJD_BENCH_THREADS=1`` for one: on a loaded machine, a second thread
-that the OS deschedules makes every parallel region wait, and times then measure the scheduler.
+``TORCHJD_BENCH_DEVICE=cuda`` runs it on a GPU (times then include the queued work; memory is
+the CUDA caching allocator's peak). Two threads by default, ``TORCHJD_BENCH_THREADS=1`` for one:
+on a loaded machine, a second thread that the OS deschedules makes every parallel region wait,
+and times then measure the scheduler.
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile
 
-from benchmarks._measure import format_table, set_threads
+from benchmarks._measure import bench_device, format_table, peak_bytes, set_threads, synchronize
 from torchjd.aggregation import (
     Flattening,
     GeneralizedWeighting,
@@ -183,9 +184,10 @@ class _Step:
 
 def _steps(setting: Setting, with_upgrad: bool) -> dict[str, _Step]:
     torch.manual_seed(0)
-    model = setting.make_model()
+    device = bench_device()
+    model = setting.make_model().to(device)
     plain_model = copy.deepcopy(model)  # before the engine hooks `model`
-    x, y = setting.make_batch(setting.batch_size)
+    x, y = (tensor.to(device) for tensor in setting.make_batch(setting.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=1e-3)
     engine = Engine(model, batch_dim=0)
@@ -238,37 +240,20 @@ def _steps(setting: Setting, with_upgrad: bool) -> dict[str, _Step]:
 
 def _median_times(steps: dict[str, _Step]) -> dict[str, float]:
     """Median seconds of each step, over interleaved rounds."""
+    device = bench_device()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(_WARMUP_ROUNDS + _ROUNDS):
         for name, step in steps.items():
             if name.startswith("autojac") and round_index >= _WARMUP_ROUNDS + 3:
                 continue  # slow, and only for reference
             step.reset()
+            synchronize(device)
             start = time.perf_counter()
             step.run()
+            synchronize(device)
             if round_index >= _WARMUP_ROUNDS:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _peak_bytes(step: _Step) -> int:
-    """The most CPU memory allocated by torch during ``step.run()``, above the level at start.
-
-    Replays the profiler's allocation and free events in time order.
-    """
-    step.reset()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step.run()
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    current = peak = 0
-    for _, size in events:
-        current += size
-        peak = max(peak, current)
-    return peak
 
 
 def run() -> list[dict[str, Any]]:
@@ -284,7 +269,8 @@ def run() -> list[dict[str, Any]]:
             row[f"{name}_ms"] = 1e3 * seconds
         for name, step in steps.items():
             step.run()  # allocations made once (e.g. the optimizer's state) do not count
-            row[f"{name}_MB"] = _peak_bytes(step) / 1e6
+            step.reset()
+            row[f"{name}_MB"] = peak_bytes(step.run, bench_device()) / 1e6
         for name in steps:
             if name != "sgd":
                 row[f"{name}_x"] = row[f"{name}_ms"] / row["sgd_ms"]

@@ -17,7 +17,8 @@ orthogonal, slightly conflicting rows, where about 90% of the constraints are in
 - ``max_kkt``: largest violation of the optimality conditions by our projections, relative to the
   natural scale of each condition (see :func:`_kkt_violation`).
 
-Run alone with ``python -m benchmarks.bench_dual_cone``.
+Run alone with ``python -m benchmarks.bench_dual_cone``; ``TORCHJD_BENCH_DEVICE=cuda`` runs ours on
+a GPU (quadprog, like torchjd 0.8.0, runs on the CPU: the Gramian is copied there).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks._measure import format_table, median_seconds, set_threads
+from benchmarks._measure import bench_device, format_table, median_seconds, set_threads
 from torchjd.aggregation import UPGradWeighting
 from torchjd.aggregation._dual_cone import solve_dual_cone_qp
 from torchjd.aggregation._utils import normalize, regularize
@@ -39,6 +40,7 @@ _QUADPROG_SAMPLE = 16
 _FULL_QUADPROG_LIMIT = 128
 _THREADS = (1, 2)
 _COLUMNS = (
+    "device",
     "threads",
     "m",
     "kind",
@@ -105,13 +107,18 @@ def _repeats(m: int) -> int:
 
 def _row(m: int, kind: str, has_quadprog: bool) -> dict[str, Any]:
     gramian = _gramian(m, kind, seed=m)
-    ours = median_seconds(lambda: UPGradWeighting()(gramian), repeats=_repeats(m), warmup=2)
+    device = bench_device()
+    on_device = gramian.to(device)
+    ours = median_seconds(
+        lambda: UPGradWeighting()(on_device), repeats=_repeats(m), warmup=2, device=device
+    )
     # The problems UPGradWeighting solves: u_i e_i against the normalised, regularised Gramian.
     weights = torch.full((m,), 1 / m, dtype=torch.float64)
     lower = torch.diag(weights)
     regularized = regularize(normalize(gramian, 0.0001), 0.0001)
-    solution = solve_dual_cone_qp(lower, regularized)
+    solution = solve_dual_cone_qp(lower.to(device), regularized.to(device)).cpu()
     row: dict[str, Any] = {
+        "device": device.type,
         "threads": torch.get_num_threads(),
         "m": m,
         "kind": kind,
