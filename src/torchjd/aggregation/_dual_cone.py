@@ -327,6 +327,29 @@ class _Rows:
         "regularized_products",
     )
 
+    _PIVOT_FIELDS = (
+        "free",
+        "previous_free",
+        "best",
+        "patience",
+        "careful",
+        "entered",
+        "accepted",
+        "entry_violation",
+        "point",
+    )
+
+    def pivot_state(self) -> tuple[Tensor, ...]:
+        """The fields that :meth:`pivot` changes, to :meth:`restore` them."""
+        return tuple(getattr(self, name) for name in self._PIVOT_FIELDS)
+
+    def restore(self, rows: Tensor, state: tuple[Tensor, ...]) -> None:
+        """Undo the pivoting of the ``rows`` (a mask), back to ``state``, without a host read."""
+        for name, old in zip(self._PIVOT_FIELDS, state, strict=True):
+            new = getattr(self, name)
+            mask = rows.reshape(rows.shape + (1,) * (new.ndim - 1))
+            setattr(self, name, torch.where(mask, old, new))
+
     def keep(self, mask: Tensor) -> None:
         """Keep only the rows of ``mask``."""
         for name in self._FIELDS:
@@ -356,13 +379,21 @@ class _Rows:
         scale = problem.unit_error * (absolute @ problem.root_diagonal).unsqueeze(1)
         return scale / problem.floored_root_diagonal, scale * problem.root_diagonal
 
-    def pivot(self, problem: _Problem, wrong: Tensor, first: bool, careful_rows: bool) -> None:
+    def pivot(
+        self,
+        problem: _Problem,
+        wrong: Tensor,
+        first: bool,
+        careful_rows: bool,
+        sync_free: bool = False,
+    ) -> None:
         """Choose the next free sets (of the unsolved rows): the warm start's guess in the first
         round, else one step of the row's mode. ``careful_rows=False`` (the caller knows that no
-        row is, or is about to be, in the careful mode) skips the computations of that mode."""
+        row is, or is about to be, in the careful mode) skips the computations of that mode;
+        ``sync_free`` makes the warm start's choice without a host read."""
         self.previous_free = self.free
         if first:
-            self.free = _warm_start(problem, self.lower, self.linear)
+            self.free = _warm_start(problem, self.lower, self.linear, sync_free)
             return
         count = wrong.sum(dim=1)
         improved = count < self.best
@@ -454,7 +485,9 @@ class _Rows:
             )
 
 
-def _warm_start(problem: _Problem, lower: Tensor, linear: Tensor) -> Tensor:
+def _warm_start(
+    problem: _Problem, lower: Tensor, linear: Tensor, sync_free: bool = False
+) -> Tensor:
     """Guess the free sets of the rows of ``lower`` (``linear`` = ``lower G``) from a few
     iterations of over-relaxed ADMM (the splitting of OSQP) on all of them at once: each
     iteration is one product with the precomputed ``ρ (2G + ρI)⁻¹``, so the guess costs a few
@@ -466,9 +499,12 @@ def _warm_start(problem: _Problem, lower: Tensor, linear: Tensor) -> Tensor:
     gradients do in IWRM: about 90% of them), the free sets ``{j : (G u)_j < 0}`` are guessed
     instead, for free: there, they are nearly exact, and the ADMM would cost more than the rounds
     it saves. Elsewhere (e.g. random Gramians, half of the entries), that guess would cost several
-    more rounds."""
-    if linear.device.type == "cpu" and float((linear < 0).float().mean()) >= _SIGN_START_FRACTION:
-        return linear < 0
+    more rounds. With ``sync_free`` (the masked path), both guesses are made and the choice is a
+    ``torch.where`` on the device (the ADMM is cheap on an accelerator), without a host read."""
+    negative = linear < 0
+    sign_start = negative.to(linear.dtype).mean() >= _SIGN_START_FRACTION
+    if not sync_free and linear.device.type == "cpu" and bool(sign_start):
+        return negative
     gramian = problem.gramian
     m = gramian.shape[0]
     identity = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
@@ -487,7 +523,8 @@ def _warm_start(problem: _Problem, lower: Tensor, linear: Tensor) -> Tensor:
         z_next = torch.maximum(lower, v + w)
         w = w + v - z_next
         z = z_next
-    return z > lower
+    guess = z > lower
+    return torch.where(sign_start, negative, guess) if sync_free else guess
 
 
 def _solve_by_enumeration(problem: _Problem) -> Tensor | None:
@@ -595,14 +632,22 @@ class _ComplementSolver:
     @classmethod
     def of(cls, problem: _Problem) -> _ComplementSolver | None:
         """The solver of ``problem``, or ``None`` if ``G`` is not positive definite enough."""
-        factor, info = torch.linalg.cholesky_ex(problem.gramian)
-        if bool(info):
-            return None
+        solver, usable = cls.unchecked(problem)
+        return solver if bool(usable) else None
+
+    @classmethod
+    def unchecked(cls, problem: _Problem) -> tuple[_ComplementSolver, Tensor]:
+        """The solver of ``problem`` and, on its device, whether ``G`` is positive definite
+        enough for it to be used (no host read: the solver is garbage where it is not)."""
+        gramian = problem.gramian
+        factor, info = torch.linalg.cholesky_ex(gramian)
+        # A failed factor may be singular (an error of the inverse on the CPU): use the identity.
+        identity = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+        factor = torch.where(info == 0, factor, identity)
         inverse = torch.cholesky_inverse(factor)
-        condition = float(inverse.diagonal().sum()) * float(problem.gramian.diagonal().sum())
-        if not (math.isfinite(condition) and condition <= cls._MAX_CONDITION):
-            return None
-        return cls(problem, inverse)
+        condition = inverse.diagonal().sum() * gramian.diagonal().sum()
+        usable = (info == 0) & torch.isfinite(condition) & (condition <= cls._MAX_CONDITION)
+        return cls(problem, inverse), usable
 
     def is_cheaper(self, free: Tensor) -> Tensor:
         """Per row, whether the complement costs fewer operations than the gathered system."""
@@ -626,13 +671,16 @@ class _ComplementSolver:
         return solutions, failed
 
     def _solve_chunk(
-        self, free: Tensor, rhs: Tensor, start: Tensor, size: int
+        self, free: Tensor, rhs: Tensor, start: Tensor, size: int, sync_free: bool = False
     ) -> tuple[Tensor, Tensor]:
+        """:meth:`solve` for rows whose complements have at most ``size`` indices, with systems
+        of that size; ``sync_free`` (the masked path) refines without host reads."""
         m = free.shape[1]
         complement = ~free
         # The indices of A first (the stable sort keeps them increasing), then the padding index.
         indices = torch.sort(complement.to(torch.uint8), dim=1, descending=True, stable=True)[1]
-        valid = torch.arange(size) < complement.sum(dim=1, keepdim=True)
+        positions = torch.arange(size, device=free.device)
+        valid = positions < complement.sum(dim=1, keepdim=True)
         indices = torch.where(valid, indices[:, :size], m)
         systems = _principal_submatrices(self.padded_inverse, indices, valid)
         factor, info = torch.linalg.cholesky_ex(systems)
@@ -648,7 +696,12 @@ class _ComplementSolver:
         gramian = self.gramian
         solution = torch.where(start.isnan().any(dim=1, keepdim=True), solve(rhs), start)
         solution = _refine(
-            lambda x: rhs - (x @ gramian) * mask, solve, rhs, solution, self.root_diagonal, True
+            lambda x: rhs - (x @ gramian) * mask,
+            solve,
+            rhs,
+            solution,
+            self.root_diagonal,
+            not sync_free,
         )
         return solution, (info > 0) | ~torch.isfinite(solution).all(dim=1)
 
@@ -713,7 +766,7 @@ def _principal_submatrices(padded: Tensor, indices: Tensor, valid: Tensor) -> Te
 
 
 def _refined_solve(
-    systems: Tensor, ridge: Tensor, rhs: Tensor, start: Tensor
+    systems: Tensor, ridge: Tensor, rhs: Tensor, start: Tensor, sync_free: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Solve ``(systems + diag(ridge)) x = rhs`` with a Cholesky factorisation, and
     ``systems x = rhs`` by iterative refinement with the same factor, from the ridged solution, or
@@ -721,11 +774,12 @@ def _refined_solve(
     refinement goes on over the rounds). The systems are positive semi-definite; refinement removes
     the ridge's effect on well-conditioned ones and brings the residual to rounding level on
     (consistent) singular ones. ``_REFINEMENTS`` steps are made on accelerators; on the CPU, steps
-    are made while the residuals are above rounding level and still decreasing.
+    are made while the residuals are above rounding level and still decreasing. ``sync_free``
+    (the masked path) makes the accelerators' choices on the CPU too.
 
     :raises ValueError: On the CPU, if a factorisation fails (a clearly indefinite system).
     """
-    on_cpu = systems.device.type == "cpu"
+    on_cpu = systems.device.type == "cpu" and not sync_free
     shifted = systems.clone()
     shifted.diagonal(dim1=-2, dim2=-1).add_(ridge)
     factor, info = torch.linalg.cholesky_ex(shifted)
@@ -783,70 +837,124 @@ def _refine(
 
 
 def _solve_masked(problem: _Problem) -> Tensor:
-    """Device path: every row keeps a full-size system, masked to its free set, so that shapes
-    never depend on the data; solved rows are frozen. The convergence flag is read back to the
-    host at rounds 0, 2, 4, 8, 16, ...: rounds are costly, syncs too, and most rows are solved
-    after one to three rounds."""
+    """Device path: shapes depend on the data only through one host read per round.
+
+    Each round pivots every unsolved row, then reads back to the host, in one transfer, whether
+    all rows are solved (and that the data are finite and ``G`` positive semi-definite) and, for
+    the two kinds of systems, how many rows use them and the largest system: rows whose free set
+    is large (``|F| > |A|``, roughly) are solved through the complement ``A`` of ``F`` with
+    ``H = G⁻¹`` (see :class:`_ComplementSolver`; only if ``G`` is well-conditioned, which is
+    checked on the device and read with the flags of the first round), the others on ``G_FF``;
+    each kind with systems of one size, its rows' largest, padded with the identity. That read is
+    the only host synchronisation: one per round (two to four per call, as the warm start usually
+    leaves one to three rounds). On real IWRM Gramians most indices are free, so the systems are
+    about ten times smaller than ``G``, and cost about a thousandth of ``m³``."""
     gramian = problem.gramian
     b, m = problem.lower.shape
+    device = gramian.device
+    padded_gramian = torch.nn.functional.pad(gramian, (0, 1, 0, 1))
+    complement_solver, usable = _ComplementSolver.unchecked(problem)
     rows = _Rows(problem)
-    done = torch.zeros(b, dtype=torch.bool, device=gramian.device)
-    rows_per_chunk = max(1, _MASKED_CHUNK_ELEMENTS // (m * m))
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    # Rows whose complement system could not be solved: gathered from then on, like on the CPU.
+    complement_failed = torch.zeros_like(done)
+    gramian_finite = torch.isfinite(gramian).all()
     for round_ in range(_max_rounds(m)):
         wrong, solved = rows.assess(problem)
         done = done | solved
-        if round_ & (round_ - 1) == 0 and round_ != 1:
-            finite = torch.isfinite(rows.offsets).all() & torch.isfinite(gramian).all()
-            flags = torch.stack([done.all(), finite, problem.indefinite])
-            all_done, all_finite, indefinite = flags.tolist()
-            if not all_finite:
-                raise ValueError("Parameters `gramian` and `weights` should have finite entries.")
-            if indefinite:
-                raise _IndefiniteGramianError
-            if all_done:
-                return rows.offsets.clamp_min(0.0)
-        frozen = done.unsqueeze(1)
-        previous = (rows.free, rows.best, rows.patience, rows.careful, rows.point)
-        rows.pivot(problem, wrong, first=round_ == 0, careful_rows=True)
-        rows.free = torch.where(frozen, previous[0], rows.free)
-        rows.best = torch.where(done, previous[1], rows.best)
-        rows.patience = torch.where(done, previous[2], rows.patience)
-        rows.careful = torch.where(done, previous[3], rows.careful)
-        rows.point = torch.where(frozen, previous[4], rows.point)
-        rhs = rows.right_hand_side()
-        start = rows.refinement_start()
-        solutions = [
-            _masked_free_solve(
-                gramian,
-                problem.ridge,
-                rows.free[first : first + rows_per_chunk],
-                rhs[first : first + rows_per_chunk],
-                start[first : first + rows_per_chunk],
-            )
-            for first in range(0, b, rows_per_chunk)
-        ]
-        regularized = torch.cat([solution[0] for solution in solutions])
-        refined = torch.cat([solution[1] for solution in solutions])
-        rows.set_offsets(
-            problem,
-            torch.where(frozen, rows.regularized_offsets, regularized),
-            torch.where(frozen, rows.offsets, refined),
+        state = rows.pivot_state()
+        rows.pivot(problem, wrong, first=round_ == 0, careful_rows=True, sync_free=True)
+        rows.restore(done, state)
+        free = rows.free
+        free_sizes = free.sum(dim=1)
+        through_complement = ~done & usable & ~complement_failed
+        through_complement &= complement_solver.is_cheaper(free)
+        gathered = ~done & ~through_complement
+        flags = torch.stack(
+            [
+                done.all(),
+                torch.isfinite(rows.offsets).all() & gramian_finite,
+                problem.indefinite,
+                through_complement.sum(),
+                torch.where(through_complement, m - free_sizes, 0).amax(),
+                gathered.sum(),
+                torch.where(gathered, free_sizes, 0).amax(),
+            ]
         )
+        all_done, finite, indefinite, complement_rows, complement_size, gathered_rows, size = (
+            flags.to(torch.long).tolist()
+        )
+        if not finite:
+            raise ValueError("Parameters `gramian` and `weights` should have finite entries.")
+        if indefinite:
+            raise _IndefiniteGramianError
+        if all_done:
+            return rows.offsets.clamp_min(0.0)
+        rhs, start = rows.right_hand_side(), rows.refinement_start()
+        regularized, refined = rows.regularized_offsets.clone(), rows.offsets.clone()
+        failed = torch.zeros_like(done)
+        for chunk in _masked_chunks(through_complement, complement_rows, complement_size):
+            solution, chunk_failed = complement_solver._solve_chunk(
+                free[chunk], rhs[chunk], start[chunk], complement_size, sync_free=True
+            )
+            # A failed row keeps its solution, and its pivoting is undone below.
+            solution = torch.where(chunk_failed.unsqueeze(1), refined[chunk], solution)
+            # Exact solutions of a positive definite G also serve as the ridged ones.
+            regularized[chunk] = torch.where(
+                chunk_failed.unsqueeze(1), regularized[chunk], solution
+            )
+            refined[chunk] = solution
+            failed[chunk] = chunk_failed
+        for chunk in _masked_chunks(gathered, gathered_rows, size):
+            if size == 0:
+                regularized[chunk] = refined[chunk] = 0.0
+            else:
+                regularized[chunk], refined[chunk] = _fixed_size_free_solve(
+                    padded_gramian, problem.ridge, free[chunk], rhs[chunk], start[chunk], size
+                )
+        complement_failed |= failed
+        rows.restore(failed, state)
+        rows.set_offsets(problem, regularized, refined)
     wrong, solved = rows.assess(problem)
     if bool((done | solved).all()):
         return rows.offsets.clamp_min(0.0)
     raise _not_converged(m)
 
 
-def _masked_free_solve(
-    gramian: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor
+def _masked_chunks(selected: Tensor, count: int, size: int) -> Iterator[Tensor]:
+    """The indices of the ``count`` rows of the mask ``selected`` (counted on the host), in chunks
+    of at most ``_MASKED_CHUNK_ELEMENTS`` entries in their ``size x size`` systems."""
+    if count == 0:
+        return
+    # The stable sort puts the selected rows first, without a host read.
+    indices = torch.sort((~selected).to(torch.uint8), stable=True)[1][:count]
+    rows_per_chunk = max(1, _MASKED_CHUNK_ELEMENTS // max(size * size, 1))
+    yield from indices.split(rows_per_chunk)
+
+
+def _fixed_size_free_solve(
+    padded_gramian: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor, size: int
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_refined_solve` with ``m x m`` systems equal to ``G`` on ``F x F`` and to the
-    identity elsewhere."""
-    both = free.unsqueeze(2) & free.unsqueeze(1)
-    systems = torch.where(both, gramian, 0.0)
-    systems.diagonal(dim1=1, dim2=2).add_((~free).to(systems.dtype))
-    return _refined_solve(systems, ridge * free.to(systems.dtype), rhs, start)
+    """:func:`_refined_solve`, without host reads, on the systems ``G_FF`` of the rows (``|F| ≤
+    size``) gathered to ``size x size`` and padded with the identity."""
+    b, m = free.shape
+    # Free indices first (the stable sort keeps them increasing), then the padding index m.
+    indices = torch.sort(free.to(torch.uint8), dim=1, descending=True, stable=True)[1]
+    valid = torch.arange(size, device=free.device) < free.sum(dim=1, keepdim=True)
+    indices = torch.where(valid, indices[:, :size], m)
+    systems = _principal_submatrices(padded_gramian, indices, valid)
+    x_regularized, x_refined = _refined_solve(
+        systems,
+        ridge * valid.to(systems.dtype),
+        torch.nn.functional.pad(rhs, (0, 1)).gather(1, indices),
+        torch.nn.functional.pad(start, (0, 1)).gather(1, indices),
+        sync_free=True,
+    )
+    zeros = rhs.new_zeros(b, m + 1)
+    return (
+        zeros.scatter(1, indices, x_regularized)[:, :m],
+        zeros.scatter(1, indices, x_refined)[:, :m],
+    )
 
 
 def _max_rounds(m: int) -> int:
