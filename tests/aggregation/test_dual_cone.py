@@ -7,6 +7,7 @@ needs nothing but torch), and quadprog when it is installed (parity tests only).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -649,3 +650,206 @@ def test_complement_path_on_sampled_problems(problem: tuple[Tensor, Tensor]) -> 
     assert_close(
         through_complement, gathered, atol=0.0, rtol=1e-9, scale=solution_scale(gathered, lower)
     )
+
+
+def _nearly_orthogonal(m: int, seed: int) -> Tensor:
+    """A Jacobian whose rows are nearly orthogonal before centring: most entries of its Gramian
+    are negative (about 80% at ``m = 64``, like the Gramians of real IWRM steps, where the warm
+    start guesses the free sets from their signs)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(m, m, dtype=torch.float64, generator=generator)
+    rows = torch.cat([torch.eye(m, dtype=torch.float64), 0.05 * noise], dim=1)
+    return rows - rows.mean(dim=0, keepdim=True)
+
+
+class _HostReads:
+    """Counts the reads of tensor values into Python (the host synchronisations on a device) and
+    the rounds of the masked path."""
+
+    _METHODS = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads = 0
+        self.rounds = 0
+        for name in self._METHODS:
+            monkeypatch.setattr(Tensor, name, self._counting(getattr(Tensor, name)))
+        pivot = dual_cone._Rows.pivot
+
+        def counting_pivot(rows: dual_cone._Rows, *args: object, **kwargs: object) -> None:
+            self.rounds += 1
+            pivot(rows, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(dual_cone._Rows, "pivot", counting_pivot)
+
+    def _counting(self, method: Callable[..., object]) -> Callable[..., object]:
+        def counting(tensor: Tensor, *args: object) -> object:
+            self.reads += 1
+            return method(tensor, *args)
+
+        return counting
+
+
+@pytest.mark.parametrize(
+    ("centring", "upgrad"), [(0.0, True), (0.8, True), (1.0, False), (None, True)]
+)
+def test_masked_path_reads_the_host_once_per_round(centring: float | None, upgrad: bool) -> None:
+    m = 64
+    matrix = _nearly_orthogonal(m, seed=3) if centring is None else _conflicting(m, centring, 3)
+    gramian = _normalized(matrix)
+    generator = torch.Generator().manual_seed(3)
+    lower = (
+        _upgrad_lower(m, generator)
+        if upgrad
+        else torch.randn(6, m, dtype=torch.float64, generator=generator)
+    )
+    problem = _Problem(gramian, lower)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = _ComplementCalls(monkeypatch, always=None)
+        counter = _HostReads(monkeypatch)
+        offsets = _solve_masked(problem)
+    assert counter.rounds >= 2
+    assert counter.reads == counter.rounds
+    assert calls.rows == 0  # The masked path calls the complement solver's chunks directly.
+    solution = lower + offsets
+    assert kkt_violation(gramian, lower, solution) <= 1e-11
+    expected = solve_dual_cone_qp(lower, gramian)
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))
+
+
+class _MaskedSystems:
+    """Records the sizes of the systems solved by the masked path, per kind."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.complement: list[tuple[int, int]] = []
+        self.gathered: list[tuple[int, int]] = []
+        solve_chunk = dual_cone._ComplementSolver._solve_chunk
+        fixed_size_solve = dual_cone._fixed_size_free_solve
+
+        def recording_chunk(
+            solver: dual_cone._ComplementSolver,
+            free: Tensor,
+            rhs: Tensor,
+            start: Tensor,
+            size: int,
+            sync_free: bool = False,
+        ) -> tuple[Tensor, Tensor]:
+            assert (~free).sum(dim=1).max() <= size
+            self.complement.append((free.shape[0], size))
+            return solve_chunk(solver, free, rhs, start, size, sync_free)
+
+        def recording_solve(
+            padded: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor, size: int
+        ) -> tuple[Tensor, Tensor]:
+            assert free.sum(dim=1).max() <= size
+            self.gathered.append((free.shape[0], size))
+            return fixed_size_solve(padded, ridge, free, rhs, start, size)
+
+        monkeypatch.setattr(dual_cone._ComplementSolver, "_solve_chunk", recording_chunk)
+        monkeypatch.setattr(dual_cone, "_fixed_size_free_solve", recording_solve)
+
+
+def test_masked_path_solves_small_systems_when_most_constraints_are_inactive() -> None:
+    m = 96
+    gramian = _normalized(_conflicting(m, 0.8, seed=0))
+    lower = _upgrad_lower(m, torch.Generator().manual_seed(0))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        systems = _MaskedSystems(monkeypatch)
+        solution = lower + _solve_masked(_Problem(gramian, lower))
+    assert sum(rows for rows, _ in systems.complement) >= m
+    # Each row's system has the size of its complement (at most about a fifth of m here), not m.
+    assert max(size for _, size in systems.complement) <= m // 4
+    assert all(size < m for _, size in systems.gathered)
+    assert kkt_violation(gramian, lower, solution) <= 1e-11
+    expected = solve_dual_cone_qp(lower, gramian)
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))
+
+
+def test_masked_path_without_the_complement_on_a_singular_gramian() -> None:
+    gramian = _normalized(_conflicting(40, 1.0, seed=0), reg_eps=0.0)
+    lower = _upgrad_lower(40, torch.Generator().manual_seed(0))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        systems = _MaskedSystems(monkeypatch)
+        solution = lower + _solve_masked(_Problem(gramian, lower))
+    assert systems.complement == []
+    assert kkt_violation(gramian, lower, solution) <= 1e-9
+
+
+def test_masked_path_gathers_failed_complement_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    gramian = _normalized(_conflicting(48, 0.8, seed=1))
+    lower = _upgrad_lower(48, torch.Generator().manual_seed(1))
+    expected = solve_dual_cone_qp(lower, gramian)
+    solve_chunk = dual_cone._ComplementSolver._solve_chunk
+    gathered_rows = []
+    fixed_size_solve = dual_cone._fixed_size_free_solve
+
+    def failing_odd_rows(
+        solver: dual_cone._ComplementSolver,
+        free: Tensor,
+        rhs: Tensor,
+        start: Tensor,
+        size: int,
+        sync_free: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        solutions, failed = solve_chunk(solver, free, rhs, start, size, sync_free)
+        failed = failed.clone()
+        failed[1::2] = True
+        return solutions.clone().index_fill_(0, torch.arange(1, free.shape[0], 2), math.nan), failed
+
+    def recording_solve(
+        padded: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor, size: int
+    ) -> tuple[Tensor, Tensor]:
+        gathered_rows.append(free.shape[0])
+        return fixed_size_solve(padded, ridge, free, rhs, start, size)
+
+    monkeypatch.setattr(dual_cone._ComplementSolver, "_solve_chunk", failing_odd_rows)
+    monkeypatch.setattr(dual_cone, "_fixed_size_free_solve", recording_solve)
+    solution = lower + _solve_masked(_Problem(gramian, lower))
+    assert sum(gathered_rows) > 0
+    assert kkt_violation(gramian, lower, solution) <= 1e-11
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))
+
+
+@pytest.mark.parametrize("sign_start", [False, True])
+def test_sync_free_warm_start_makes_the_same_guess(sign_start: bool) -> None:
+    # Without a host read, the masked path chooses between the sign guess and the ADMM on the
+    # device; the CPU path reads the fraction of negative entries of G u and skips the ADMM.
+    matrix = _nearly_orthogonal(64, seed=4) if sign_start else _conflicting(64, 0.8, seed=4)
+    gramian = _normalized(matrix)
+    lower = torch.cat(
+        [
+            _upgrad_lower(64, torch.Generator().manual_seed(4)),
+            -torch.ones(1, 64, dtype=torch.float64),  # The sign guess makes every index free.
+        ]
+    )
+    problem = _Problem(gramian, lower)
+    fraction = (problem.linear < 0).double().mean()
+    assert (fraction >= dual_cone._SIGN_START_FRACTION) == sign_start
+    guess = dual_cone._warm_start(problem, lower, problem.linear)
+    sync_free_guess = dual_cone._warm_start(problem, lower, problem.linear, sync_free=True)
+    assert torch.equal(guess, sync_free_guess)
+    assert torch.equal(guess, problem.linear < 0) == sign_start
+
+
+@settings(max_examples=25, deadline=None)
+@given(_problems(max_rows=40), st.sampled_from([1e-4, 0.0]))
+def test_masked_path_on_sampled_problems(problem: tuple[Tensor, Tensor], reg_eps: float) -> None:
+    gramian, lower = problem
+    if reg_eps == 0.0:
+        gramian = gramian - 1e-4 * torch.eye(gramian.shape[0], dtype=gramian.dtype)
+    masked = lower + _solve_masked(_Problem(gramian, lower))
+    tolerance = 1e-11 if reg_eps > 0 else 1e-9
+    assert kkt_violation(gramian, lower, masked) <= tolerance
+    if reg_eps > 0:  # The minimiser is unique.
+        expected = solve_dual_cone_qp(lower, gramian)
+        assert_close(masked, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower))
+
+
+@pytest.mark.parametrize("m", [40, 96])
+def test_masked_path_matches_quadprog_on_conflicting_rows(m: int) -> None:
+    pytest.importorskip("quadprog")
+    for centring in (0.0, 0.8, 1.0):
+        gramian = _normalized(_conflicting(m, centring, seed=m))
+        lower = _upgrad_lower(m, torch.Generator().manual_seed(m))
+        masked = lower + _solve_masked(_Problem(gramian, lower))
+        expected = _quadprog_solution(gramian, lower)
+        assert_close(masked, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower))
