@@ -77,16 +77,16 @@ def _embedding(
     return build
 
 
-# With these sizes, the embedding rule picks its ghost form (short sequences) and its pair form
-# (long sequences, large vocabulary); `test_device_syncs.py` checks which.
-EMBEDDING_GHOST = "embedding_ghost"
+# With these sizes, the embedding rule picks its ghost or vocabulary form (short sequences) and
+# its pair form (long sequences, large vocabulary); `test_device_syncs.py` checks which.
+EMBEDDING_SHORT = "embedding_short"
 EMBEDDING_PAIRS = "embedding_pairs"
 
 _BUILDERS: dict[str, Callable[[], ModelCase]] = {
     "mlp": _mlp,
     "cnn": _cnn,
     "transformer": _transformer,
-    EMBEDDING_GHOST: _embedding(vocabulary=30, samples=5, length=3, distinct=10),
+    EMBEDDING_SHORT: _embedding(vocabulary=30, samples=5, length=3, distinct=10),
     EMBEDDING_PAIRS: _embedding(vocabulary=10_000, samples=4, length=64, distinct=50),
 }
 MODEL_NAMES = list(_BUILDERS)
