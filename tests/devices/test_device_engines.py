@@ -63,7 +63,7 @@ def test_autogram_engine(
     _assert_grads(model, reference_grads, dtype, device)
 
 
-def _trunk_and_heads() -> tuple[nn.Module, list[nn.Module], Tensor]:
+def _trunk_and_heads() -> tuple[nn.Module, list[nn.Linear], Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
