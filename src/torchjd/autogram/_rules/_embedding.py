@@ -187,9 +187,9 @@ def _entry_pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Te
     paired_sizes = torch.where(frequent, 0, sizes)
     frequent_rank = (new_group & frequent).cumsum(0) - 1
     # Host synchronisation (one): the numbers of pairs and of frequent tokens decide the shapes.
-    pair_count, frequent_count = (
-        int(value) for value in torch.stack([paired_sizes.sum(), (new_group & frequent).sum()])
-    )
+    pair_count, frequent_count = torch.stack(
+        [paired_sizes.sum(), (new_group & frequent).sum()]
+    ).tolist()
     gramian = grads.new_zeros(rows * rows)
     if pair_count:
         first = torch.repeat_interleave(slot, paired_sizes, output_size=pair_count)
@@ -263,10 +263,9 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
         # Host synchronisation (one): the numbers of repeated tokens and of pairs decide the
         # shapes. Each repeated token ends `count - 1` ordered pairs, half of them with a token
         # before it.
-        repeated_count, ordered_pair_count = (
-            int(value)
-            for value in torch.stack([repeated.sum(), (token_counts - 1).clamp(min=0).sum()])
-        )
+        repeated_count, ordered_pair_count = torch.stack(
+            [repeated.sum(), (token_counts - 1).clamp(min=0).sum()]
+        ).tolist()
         pair_count = ordered_pair_count // 2
         if pair_count * seeds * dim > _ELEMENTS_PER_CHUNK:
             return _entry_pairs_gramian(module, lookups)
@@ -278,11 +277,12 @@ def _pairs_gramian(module: nn.Embedding, lookups: Sequence[_Lookup]) -> Tensor:
         return _self_pairs(weighted, seeds, batch)
     sorted_ids, order = torch.sort(ids.index_select(0, positions))
     order = positions.index_select(0, order)
-    _, group, group_sizes = torch.unique_consecutive(
-        sorted_ids, return_inverse=True, return_counts=True
-    )
+    # Where each group of equal ids starts, by a running maximum (`unique_consecutive` would read
+    # the number of groups on the host).
     sorted_positions = torch.arange(repeated_count, device=device)
-    group_starts = (group_sizes.cumsum(0) - group_sizes).index_select(0, group)
+    new_group = torch.ones(repeated_count, dtype=torch.bool, device=device)
+    new_group[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group_starts = torch.where(new_group, sorted_positions, 0).cummax(0).values
     # The number of tokens before each (sorted) token in its group: the pairs it ends.
     rank = sorted_positions - group_starts
     pair_ends = rank.cumsum(0)
