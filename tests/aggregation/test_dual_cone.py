@@ -853,3 +853,18 @@ def test_masked_path_matches_quadprog_on_conflicting_rows(m: int) -> None:
         masked = lower + _solve_masked(_Problem(gramian, lower))
         expected = _quadprog_solution(gramian, lower)
         assert_close(masked, expected, atol=0.0, rtol=1e-9, scale=solution_scale(expected, lower))
+
+
+def test_masked_path_solves_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    gramian = _normalized(_conflicting(64, 0.5, seed=2))
+    lower = _upgrad_lower(64, torch.Generator().manual_seed(2))
+    expected = lower + _solve_masked(_Problem(gramian, lower))
+    monkeypatch.setattr(dual_cone, "_MASKED_CHUNK_ELEMENTS", 1000)
+    chunks = list(dual_cone._masked_chunks(torch.arange(64) % 3 == 0, 22, size=10, m=64))
+    assert [len(chunk) for chunk in chunks] == [10, 10, 2]
+    assert torch.equal(torch.cat(chunks), torch.arange(0, 64, 3))
+    with pytest.MonkeyPatch.context() as patch:
+        systems = _MaskedSystems(patch)
+        solution = lower + _solve_masked(_Problem(gramian, lower))
+    assert max(rows for rows, _ in systems.complement + systems.gathered) < 64
+    assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))

@@ -92,7 +92,7 @@ _PATIENCE = 3
 # calls, but their temporaries are fresh blocks that the allocator takes from (and returns to) the
 # OS, and the page faults of touching them cost more (measured: 2^19 elements, 30-50% slower).
 _CHUNK_ELEMENTS = 2**17
-# Most elements in one batch of full-size masked systems (other devices): 256 MiB in float64.
+# Most elements in one batch of systems on other devices (the masked path): 256 MiB in float64.
 _MASKED_CHUNK_ELEMENTS = 2**25
 # Iterations and over-relaxation of the ADMM that guesses the first free sets.
 _WARM_START_ITERATIONS = 40
@@ -897,7 +897,7 @@ def _solve_masked(problem: _Problem) -> Tensor:
         rhs, start = rows.right_hand_side(), rows.refinement_start()
         regularized, refined = rows.regularized_offsets.clone(), rows.offsets.clone()
         failed = torch.zeros_like(done)
-        for chunk in _masked_chunks(through_complement, complement_rows, complement_size):
+        for chunk in _masked_chunks(through_complement, complement_rows, complement_size, m):
             solution, chunk_failed = complement_solver._solve_chunk(
                 free[chunk], rhs[chunk], start[chunk], complement_size, sync_free=True
             )
@@ -909,7 +909,7 @@ def _solve_masked(problem: _Problem) -> Tensor:
             )
             refined[chunk] = solution
             failed[chunk] = chunk_failed
-        for chunk in _masked_chunks(gathered, gathered_rows, size):
+        for chunk in _masked_chunks(gathered, gathered_rows, size, m):
             if size == 0:
                 regularized[chunk] = refined[chunk] = 0.0
             else:
@@ -925,14 +925,15 @@ def _solve_masked(problem: _Problem) -> Tensor:
     raise _not_converged(m)
 
 
-def _masked_chunks(selected: Tensor, count: int, size: int) -> Iterator[Tensor]:
+def _masked_chunks(selected: Tensor, count: int, size: int, m: int) -> Iterator[Tensor]:
     """The indices of the ``count`` rows of the mask ``selected`` (counted on the host), in chunks
-    of at most ``_MASKED_CHUNK_ELEMENTS`` entries in their ``size x size`` systems."""
+    of at most ``_MASKED_CHUNK_ELEMENTS`` entries in their ``size x size`` systems, or in their
+    vectors of length ``m``."""
     if count == 0:
         return
     # The stable sort puts the selected rows first, without a host read.
     indices = torch.sort((~selected).to(torch.uint8), stable=True)[1][:count]
-    rows_per_chunk = max(1, _MASKED_CHUNK_ELEMENTS // max(size * size, 1))
+    rows_per_chunk = max(1, _MASKED_CHUNK_ELEMENTS // max(size * size, m + 1))
     yield from indices.split(rows_per_chunk)
 
 
