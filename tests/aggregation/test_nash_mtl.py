@@ -393,3 +393,28 @@ def test_matches_the_original_solver_stack(kwargs: dict[str, float], seed: int) 
     aggregator = NashMTL(n_tasks=3, **kwargs)  # type: ignore[arg-type]
     for matrix, reference in zip(matrices_, expected):
         assert_close(aggregator(matrix), reference, atol=0.0, rtol=1e-5)
+
+
+def test_barrier_solution_is_polished_onto_its_active_constraints() -> None:
+    # Found by hypothesis: a rank-3 Gramian where the barrier method, at its duality gap, leaves a
+    # slack of 1.4e-6 on a constraint with a tiny multiplier; without the polish that constraint
+    # looks inactive and the optimality certificate fails.
+    matrix = torch.tensor(
+        [
+            [0.6391, 1.7345, -1.6540, 0.1668, 0.0542, 0.5567],
+            [-0.4482, -0.7055, 2.1408, 0.3995, -1.5088, 0.5891],
+            [-0.5059, -0.8252, 1.4837, 0.0219, -0.0762, -0.7774],
+            [-0.1287, 0.0595, -0.0725, -0.1629, 0.9069, -1.2103],
+            [-0.4320, -2.0016, 1.9412, 0.1497, -1.8989, 1.8517],
+            [-0.4882, -0.9639, 1.0038, -0.1968, 0.5964, -1.2401],
+        ],
+        dtype=torch.float64,
+    )
+    generator = torch.Generator().manual_seed(1)
+    previous = torch.rand(6, generator=generator, dtype=torch.float64) * 2 + 0.1
+    problem = _Subproblem(matrix, previous)
+    solution = problem.solve()
+    assert solution is not None
+    slacks = problem.slacks(solution)
+    assert (slacks.abs() <= 1e-9).sum() == 5  # all but one constraint active, to rounding
+    problem.assert_kkt(solution)

@@ -23,7 +23,11 @@ Facts used below:
   (Nash-MTL's bargaining solution), the minimiser of ``½αᵀĜα - ε Σ log α_i``. It is optimal
   exactly when ``k`` is a non-negative combination of the constraints' gradients there, a
   certificate we check; this is the usual case, and it is solved to machine precision by Newton's
-  method. Otherwise a barrier method solves the problem to a duality gap of ``1e-13`` relative.
+  method. Otherwise a barrier method solves the problem to a duality gap of ``1e-13`` relative,
+  and Newton's method on the optimality conditions, with the constraints that the barrier left
+  nearly active as equalities, makes them hold to rounding errors (a constraint with a tiny
+  multiplier can keep a slack of ``1e-6`` at that gap); the polished point is kept only when it
+  is certified: feasible, non-negative multipliers, stationary, no worse.
 
 All of this runs on the CPU in float64 (the problem has one variable per task).
 """
@@ -41,6 +45,8 @@ from ._simplex_qp import minimize_over_simplex
 _GAP_RTOL = 1e-13
 # Factor by which the weight of the objective grows between two centring steps.
 _T_FACTOR = 16.0
+# Constraints whose slack the barrier method left below this are taken as active by the polish.
+_ACTIVE_SLACK = 1e-4
 
 
 def solve_nash_mtl_subproblem(gramian: Tensor, epsilon: float, previous: Tensor) -> Tensor | None:
@@ -68,6 +74,8 @@ def solve_nash_mtl_subproblem(gramian: Tensor, epsilon: float, previous: Tensor)
         solution = _bargaining_point_if_optimal(gramian, cost, start)
         if solution is None:
             solution = _barrier_method(gramian, cost, start)
+            if solution is not None:
+                solution = _polished(gramian, cost, solution)
         return None if solution is None else solution * root_epsilon
 
 
@@ -176,6 +184,64 @@ def _barrier_method(gramian: Tensor, cost: Tensor, start: Tensor) -> Tensor | No
             break
         t *= _T_FACTOR
     return beta
+
+
+def _polished(gramian: Tensor, cost: Tensor, beta: Tensor) -> Tensor:
+    """``beta`` (a solution of the barrier method) moved onto the constraints it left nearly
+    active, by Newton's method on the optimality conditions ``β_i (Ĝβ)_i = 1`` (``i`` in the
+    active set ``A``) and ``k = Σ_A μ_i ∇(β_i (Ĝβ)_i)``; ``beta`` itself when the result cannot
+    be certified (infeasible, a negative multiplier, not stationary, or a worse objective)."""
+
+    n = gramian.shape[0]
+    active = (_constraints(gramian, beta)[1] <= _ACTIVE_SLACK).nonzero().squeeze(1)
+    if active.numel() == 0:
+        return beta
+
+    def gradients(point: Tensor) -> Tensor:
+        # Rows: the gradients of the products β_i (Ĝβ)_i, i in A.
+        return (torch.diag(gramian @ point) + point.unsqueeze(1) * gramian)[active]
+
+    candidate = beta
+    multipliers = torch.linalg.lstsq(gradients(beta).T, cost.unsqueeze(1)).solution.squeeze(1)
+    previous_size = math.inf
+    for _ in range(30):
+        rows = gradients(candidate)
+        residuals = torch.cat(
+            [_constraints(gramian, candidate)[1][active], rows.T @ multipliers - cost]
+        )
+        size = float(residuals.abs().max())
+        # Quadratic convergence stops at the rounding errors.
+        if not size < 0.5 * previous_size:
+            break
+        previous_size = size
+        # The Hessian of Σ μ_i β_i (Ĝβ)_i is D Ĝ + Ĝ D, with D = diag(μ) (zero off A).
+        weights = torch.zeros(n, dtype=beta.dtype).index_copy_(0, active, multipliers)
+        curvature = weights.unsqueeze(1) * gramian
+        jacobian = torch.cat(
+            [
+                torch.cat([rows, torch.zeros(len(active), len(active), dtype=beta.dtype)], 1),
+                torch.cat([curvature + curvature.T, rows.T], 1),
+            ]
+        )
+        step = torch.linalg.lstsq(jacobian, -residuals.unsqueeze(1), driver="gelsd").solution
+        candidate = candidate + step[:n, 0]
+        multipliers = multipliers + step[n:, 0]
+    products, slacks = _constraints(gramian, candidate)
+    # Rounding errors of the slacks: those of β_i (Ĝβ)_i, about n ε β_i Σ_j |Ĝ_ij β_j|.
+    rounding = (
+        16.0 * n * torch.finfo(beta.dtype).eps * candidate.abs() * (gramian.abs() @ candidate.abs())
+    )
+    stationarity = gradients(candidate).T @ multipliers - cost
+    scale = float(cost.abs().max()) + float(multipliers.abs() @ gradients(candidate).abs().amax(1))
+    certified = (
+        bool(torch.isfinite(candidate).all())
+        and bool((candidate > 0).all() and (products > 0).all())
+        and bool((slacks >= -rounding).all())
+        and float(multipliers.min()) >= 0.0
+        and float(stationarity.abs().max()) <= 1e-12 * scale
+        and float(cost @ candidate) <= float(cost @ beta) * (1.0 + 1e-10)
+    )
+    return candidate if certified else beta
 
 
 def _centre(gramian: Tensor, cost: Tensor, beta: Tensor, t: float) -> tuple[Tensor, str]:
