@@ -14,6 +14,9 @@ orthogonal, slightly conflicting rows, where about 90% of the constraints are in
 - ``speedup``: ``quadprog_ms / ours_ms``;
 - ``max_rel_error``: largest difference between the projections of the two solvers (all rows, or
   the sampled ones), relative to the largest entry;
+- ``masked_cpu_ms``: for ``m ≥ 32``, median time of the solver's accelerator path (fixed-shape
+  systems, one host read per round) run on the CPU, on the same problems (without the
+  normalisation): what that path's algorithm costs, not a GPU time;
 - ``max_kkt``: largest violation of the optimality conditions by our projections, relative to the
   natural scale of each condition (see :func:`_kkt_violation`).
 
@@ -32,11 +35,12 @@ from torch import Tensor
 
 from benchmarks._measure import bench_device, format_table, median_seconds, set_threads
 from torchjd.aggregation import UPGradWeighting
-from torchjd.aggregation._dual_cone import solve_dual_cone_qp
+from torchjd.aggregation._dual_cone import _Problem, _solve_masked, solve_dual_cone_qp
 from torchjd.aggregation._utils import normalize, regularize
 
 _SIZES = (2, 8, 32, 128, 512)
 _QUADPROG_SAMPLE = 16
+_MASKED_MIN_SIZE = 32
 _FULL_QUADPROG_LIMIT = 128
 _THREADS = (1, 2)
 _COLUMNS = (
@@ -49,6 +53,7 @@ _COLUMNS = (
     "quadprog_estimated",
     "speedup",
     "max_rel_error",
+    "masked_cpu_ms",
     "max_kkt",
 )
 
@@ -125,6 +130,12 @@ def _row(m: int, kind: str, has_quadprog: bool) -> dict[str, Any]:
         "ours_ms": ours * 1e3,
         "max_kkt": _kkt_violation(regularized, lower, solution),
     }
+    if m >= _MASKED_MIN_SIZE and device.type == "cpu":
+        symmetric = (regularized + regularized.T) / 2
+        problem = _Problem(symmetric / symmetric.trace(), lower)
+        row["masked_cpu_ms"] = 1e3 * median_seconds(
+            lambda: _solve_masked(problem), repeats=max(3, _repeats(m) // 4), warmup=1
+        )
     if not has_quadprog:
         return row
     if m <= _FULL_QUADPROG_LIMIT:
