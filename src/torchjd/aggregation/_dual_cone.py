@@ -730,32 +730,14 @@ def _gathered_free_solve(
     padded_gramian: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Solve ``(G_FF + δ I) x_F = r_F`` and ``G_FF x_F = r_F`` (``x = 0`` off ``F``) for every
-    row; see :func:`_refined_solve`."""
-    b, m = free.shape
-    regularized = torch.zeros(b, m + 1, dtype=rhs.dtype)
-    refined = torch.zeros_like(regularized)
-    rhs = torch.nn.functional.pad(rhs, (0, 1))
-    start = torch.nn.functional.pad(start, (0, 1))
-    counts = free.sum(dim=1)
-    for chunk, size in _chunks_by_size(counts):
-        if size == 0:
-            continue  # x = 0
-        # Free indices first (the stable sort keeps them increasing), then the padding index m.
-        indices = torch.sort(free[chunk].to(torch.uint8), dim=1, descending=True, stable=True)[1]
-        valid = torch.arange(size) < counts[chunk].unsqueeze(1)
-        indices = torch.where(valid, indices[:, :size], m)
-        systems = _principal_submatrices(padded_gramian, indices, valid)
-        x_regularized, x_refined = _refined_solve(
-            systems,
-            ridge * valid.to(systems.dtype),
-            rhs[chunk].gather(1, indices),
-            start[chunk].gather(1, indices),
-        )
-        regularized[chunk] = torch.zeros_like(regularized[chunk]).scatter_(
-            1, indices, x_regularized
-        )
-        refined[chunk] = torch.zeros_like(refined[chunk]).scatter_(1, indices, x_refined)
-    return regularized[:, :m], refined[:, :m]
+    row, in chunks of rows with similar ``|F|``; see :func:`_refined_solve`."""
+    regularized, refined = torch.zeros_like(rhs), torch.zeros_like(rhs)
+    for chunk, size in _chunks_by_size(free.sum(dim=1)):
+        if size > 0:  # else x = 0
+            regularized[chunk], refined[chunk] = _fixed_size_free_solve(
+                padded_gramian, ridge, free[chunk], rhs[chunk], start[chunk], size, False
+            )
+    return regularized, refined
 
 
 def _principal_submatrices(padded: Tensor, indices: Tensor, valid: Tensor) -> Tensor:
@@ -938,10 +920,16 @@ def _masked_chunks(selected: Tensor, count: int, size: int, m: int) -> Iterator[
 
 
 def _fixed_size_free_solve(
-    padded_gramian: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor, size: int
+    padded_gramian: Tensor,
+    ridge: float,
+    free: Tensor,
+    rhs: Tensor,
+    start: Tensor,
+    size: int,
+    sync_free: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_refined_solve`, without host reads, on the systems ``G_FF`` of the rows (``|F| ≤
-    size``) gathered to ``size x size`` and padded with the identity."""
+    """:func:`_refined_solve` (without host reads if ``sync_free``) on the systems ``G_FF`` of
+    the rows (``|F| ≤ size``) gathered to ``size x size`` and padded with the identity."""
     b, m = free.shape
     # Free indices first (the stable sort keeps them increasing), then the padding index m.
     indices = torch.sort(free.to(torch.uint8), dim=1, descending=True, stable=True)[1]
@@ -953,7 +941,7 @@ def _fixed_size_free_solve(
         ridge * valid.to(systems.dtype),
         torch.nn.functional.pad(rhs, (0, 1)).gather(1, indices),
         torch.nn.functional.pad(start, (0, 1)).gather(1, indices),
-        sync_free=True,
+        sync_free=sync_free,
     )
     zeros = rhs.new_zeros(b, m + 1)
     return (
