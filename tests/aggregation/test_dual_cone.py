@@ -605,21 +605,31 @@ def test_complement_path_needs_a_well_conditioned_gramian() -> None:
     assert kkt_violation(singular, lower, solution) <= 1e-9
 
 
-def test_failed_complement_rows_are_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
-    gramian = _normalized(_conflicting(48, 0.8, seed=1))
-    lower = _upgrad_lower(48, torch.Generator().manual_seed(1))
-    expected = solve_dual_cone_qp(lower, gramian)
+def _make_odd_complement_rows_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the complement solve report every other row of each chunk as failed (with NaNs)."""
     solve_chunk = dual_cone._ComplementSolver._solve_chunk
 
     def failing_odd_rows(
-        solver: dual_cone._ComplementSolver, free: Tensor, rhs: Tensor, start: Tensor, size: int
+        solver: dual_cone._ComplementSolver,
+        free: Tensor,
+        rhs: Tensor,
+        start: Tensor,
+        size: int,
+        sync_free: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        solutions, failed = solve_chunk(solver, free, rhs, start, size)
+        solutions, failed = solve_chunk(solver, free, rhs, start, size, sync_free)
         failed = failed.clone()
         failed[1::2] = True
         return solutions.clone().index_fill_(0, torch.arange(1, free.shape[0], 2), math.nan), failed
 
     monkeypatch.setattr(dual_cone._ComplementSolver, "_solve_chunk", failing_odd_rows)
+
+
+def test_failed_complement_rows_are_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
+    gramian = _normalized(_conflicting(48, 0.8, seed=1))
+    lower = _upgrad_lower(48, torch.Generator().manual_seed(1))
+    expected = solve_dual_cone_qp(lower, gramian)
+    _make_odd_complement_rows_fail(monkeypatch)
     solution = solve_dual_cone_qp(lower, gramian)
     assert kkt_violation(gramian, lower, solution) <= 1e-11
     assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))
@@ -778,22 +788,8 @@ def test_masked_path_gathers_failed_complement_rows(monkeypatch: pytest.MonkeyPa
     gramian = _normalized(_conflicting(48, 0.8, seed=1))
     lower = _upgrad_lower(48, torch.Generator().manual_seed(1))
     expected = solve_dual_cone_qp(lower, gramian)
-    solve_chunk = dual_cone._ComplementSolver._solve_chunk
     gathered_rows = []
     fixed_size_solve = dual_cone._fixed_size_free_solve
-
-    def failing_odd_rows(
-        solver: dual_cone._ComplementSolver,
-        free: Tensor,
-        rhs: Tensor,
-        start: Tensor,
-        size: int,
-        sync_free: bool = False,
-    ) -> tuple[Tensor, Tensor]:
-        solutions, failed = solve_chunk(solver, free, rhs, start, size, sync_free)
-        failed = failed.clone()
-        failed[1::2] = True
-        return solutions.clone().index_fill_(0, torch.arange(1, free.shape[0], 2), math.nan), failed
 
     def recording_solve(
         padded: Tensor, ridge: float, free: Tensor, rhs: Tensor, start: Tensor, size: int
@@ -801,7 +797,7 @@ def test_masked_path_gathers_failed_complement_rows(monkeypatch: pytest.MonkeyPa
         gathered_rows.append(free.shape[0])
         return fixed_size_solve(padded, ridge, free, rhs, start, size)
 
-    monkeypatch.setattr(dual_cone._ComplementSolver, "_solve_chunk", failing_odd_rows)
+    _make_odd_complement_rows_fail(monkeypatch)
     monkeypatch.setattr(dual_cone, "_fixed_size_free_solve", recording_solve)
     solution = lower + _solve_masked(_Problem(gramian, lower))
     assert sum(gathered_rows) > 0
