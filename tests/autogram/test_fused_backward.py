@@ -19,7 +19,7 @@ from torchjd.aggregation import (
 )
 from torchjd.aggregation._utils import PSDMatrix
 from torchjd.autogram import Engine
-from torchjd.autogram._rules import _ghost, _linear, find_rule
+from torchjd.autogram._rules import _common, _ghost, _linear, find_rule
 
 
 class _RowSums(Weighting[PSDMatrix]):
@@ -242,7 +242,7 @@ def test_both_forms_of_the_linear_and_conv_rules(
 ) -> None:
     """Forcing each exact form of the rules gives the same gradients as autograd (the per-sample
     form with the rows kept for the weighted gradients or not)."""
-    monkeypatch.setattr(_linear, "_KEPT_ROWS_FACTOR", kept_rows_factor)
+    monkeypatch.setattr(_common, "KEPT_ROWS_FACTOR", kept_rows_factor)
     zero = lambda *args: 0  # noqa: E731
     huge = lambda *args: 1 << 62  # noqa: E731
     monkeypatch.setattr(_linear, "_ghost_cost", zero if form == "ghost" else huge)

@@ -224,13 +224,12 @@ def test_engine_reads_self_attention_from_the_graph(
     products (``multi_head_attention_forward`` unsqueezes q, k and v separately): the rule then
     recomputes the core."""
     import torchjd.autogram._rules._attention as attention
-    import torchjd.autogram._rules._linear as linear
+    import torchjd.autogram._rules._common as common
     from torchjd.aggregation import Flattening, UPGradWeighting
     from torchjd.autogram import Engine
 
     factor = float("inf") if keep_rows else 0.0
-    monkeypatch.setattr(attention, "_KEPT_ROWS_FACTOR", factor)
-    monkeypatch.setattr(linear, "_KEPT_ROWS_FACTOR", factor)
+    monkeypatch.setattr(common, "KEPT_ROWS_FACTOR", factor)
     if keep_rows:  # rows are only materialised by the per-sample form
         monkeypatch.setattr(attention, "ghost_cost", lambda terms, batched: 1)
         monkeypatch.setattr(attention, "per_sample_cost", lambda terms, batched: 0)

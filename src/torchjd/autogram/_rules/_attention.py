@@ -43,6 +43,7 @@ from ._common import (
     common_batch_size,
     gram,
     gramian_and_weighted_rows,
+    keeps_rows,
     leading_axes,
     seed_count,
     tensor_outputs,
@@ -618,14 +619,9 @@ def _weighted_from_uses(
     return {name: row[0] for name, row in rows.items()}
 
 
-# The fused step keeps the rows of the projections, instead of the inputs and gradients they come
-# from, when the per-sample form is the cheaper one and the rows take at most this multiple of
-# their memory (as the Linear rule does): the weighted gradients are then small products.
-_KEPT_ROWS_FACTOR = 1.5
-
-
 def _keeps_rows(uses: Sequence[_AttentionUse], params: Sequence[str], batched: bool) -> bool:
-    """Whether the fused step should materialise and keep the rows of ``params``.
+    """Whether the fused step should materialise and keep the rows of ``params``: when the
+    per-sample form is the cheaper one and :func:`keeps_rows` says so (as in the Linear rule).
 
     For uses found in the graph (self-attention with packed projections) only.
     """
@@ -652,7 +648,7 @@ def _keeps_rows(uses: Sequence[_AttentionUse], params: Sequence[str], batched: b
         held += use.inputs["q"].numel() + use.stacked_grads.numel()
         if use.output_grads is not None and use.attended is not None:
             held += use.output_grads.numel() + use.attended.numel()
-    return rows <= _KEPT_ROWS_FACTOR * held
+    return keeps_rows(rows, held)
 
 
 def _consumed_rows(

@@ -134,21 +134,41 @@ def combine_per_sample(grads: Tensor, per_sample: Tensor) -> Tensor:
     return combined
 
 
+# The fused step keeps a layer's materialised rows, instead of its inputs and output gradients,
+# when they take at most this multiple of their memory: its peak is at the end of the backward
+# pass, when every layer's inputs and output gradients are held, and the rows, which replace them
+# one layer at a time, save the weighted gradient's product (as costly as the rows themselves).
+KEPT_ROWS_FACTOR = 1.5
+
+
+def keeps_rows(rows: int, held: int) -> bool:
+    """Whether the fused step keeps ``rows`` entries of materialised rows in place of the ``held``
+    entries of inputs and output gradients they come from (see ``KEPT_ROWS_FACTOR``)."""
+    return rows <= KEPT_ROWS_FACTOR * held
+
+
 def gramian_and_weighted_rows(
     module: nn.Module, rows: Mapping[str, Tensor | Sequence[Tensor]]
 ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
     """The Gramian of materialised ``rows`` (``[R, *param.shape]`` by name), and the function of
-    the weights ``[R]`` giving their weighted sums (one ``[R] @ [R, p]`` product per parameter).
+    the weights ``[R]`` giving their weighted sums (see :func:`weighted_rows`).
 
     A list of tensors is the rows of one parameter in parts (``[R, ...]`` each, the parameter's
     flattened entries in order): a rule may materialise large rows that way, so that no single
     allocation is much larger than the layer's own tensors.
     """
-    parts_by_name = {
-        name: [value] if isinstance(value, Tensor) else list(value) for name, value in rows.items()
-    }
-    gramian = gram([part for parts in parts_by_name.values() for part in parts])
-    count = gramian.shape[0]
+    gramian = gram([part for value in rows.values() for part in _parts(value)])
+    return gramian, weighted_rows(module, rows)
+
+
+def weighted_rows(
+    module: nn.Module, rows: Mapping[str, Tensor | Sequence[Tensor]]
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """The function of the weights ``[R]`` giving the weighted sums of the materialised ``rows``
+    (``[R, *param.shape]`` by name, or in parts as in :func:`gramian_and_weighted_rows`): one
+    ``[R] @ [R, p]`` product per part, each parameter's rows freed once used."""
+    parts_by_name = {name: _parts(value) for name, value in rows.items()}
+    count = next(iter(parts_by_name.values()))[0].shape[0]
 
     def weighted(weights: Tensor) -> dict[str, Tensor]:
         if weights.shape != (count,):
@@ -157,15 +177,19 @@ def gramian_and_weighted_rows(
                 f"found {tuple(weights.shape)}."
             )
         result = {}
-        for name, parts in parts_by_name.items():
+        for name in list(parts_by_name):
+            parts = parts_by_name.pop(name)
             parameter = module.get_parameter(name)
             products = [weights.to(dtype=part.dtype) @ part.reshape(count, -1) for part in parts]
             flat = products[0] if len(products) == 1 else torch.cat(products)
             result[name] = flat.view(parameter.shape).to(dtype=parameter.dtype)
-        parts_by_name.clear()
         return result
 
-    return gramian, weighted
+    return weighted
+
+
+def _parts(value: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [value] if isinstance(value, Tensor) else list(value)
 
 
 def weighted_calls(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import Call, GramianRule
-from ._common import sum_over_pairs
+from ._common import keeps_rows, sum_over_pairs, weighted_rows
 from ._registry import register_rule
 
 # Bounds the elements of one chunk of the ghost form's [rows, R, T, T'] intermediate.
@@ -127,7 +127,7 @@ class LinearRule(GramianRule):
             # The per-sample form materialised the rows: the weighted sums are small products,
             # and the inputs and output gradients are not needed any more.
             terms.clear()
-            return gramian, _weighted_rows(module, params, kept)
+            return gramian, weighted_rows(module, kept)
 
         def weighted(weights: Tensor) -> dict[str, Tensor]:
             # Each call's output gradients are freed as soon as they are combined.
@@ -139,32 +139,6 @@ class LinearRule(GramianRule):
 
 
 register_rule(nn.Linear, LinearRule())
-
-
-def _weighted_rows(
-    module: nn.Module, params: Sequence[str], kept: dict[str, Tensor | list[Tensor]]
-) -> Callable[[Tensor], dict[str, Tensor]]:
-    """The function of the weights ``[R]`` giving ``weights @ rows`` for the kept rows (a list:
-    the rows in parts of consecutive entries)."""
-
-    def weighted(weights: Tensor) -> dict[str, Tensor]:
-        result = {}
-        for name in params:
-            rows = kept.pop(name)
-            parts = [rows] if isinstance(rows, Tensor) else rows
-            count = parts[0].shape[0]
-            if weights.shape != (count,):
-                raise ValueError(
-                    f"Expected `weights` to have shape ({count},), one weight per Jacobian row; "
-                    f"found {tuple(weights.shape)}."
-                )
-            products = [_cast(weights, part.dtype) @ part for part in parts]
-            flat = products[0] if len(products) == 1 else torch.cat(products)
-            parameter = _tensor_attribute(module, name)
-            result[name] = _cast(flat.view(parameter.shape), parameter.dtype)
-        return result
-
-    return weighted
 
 
 def _check_params(params: Sequence[str]) -> None:
@@ -300,13 +274,6 @@ def _combine_seeds(grads: Tensor, per_row: Tensor) -> Tensor:
     return combined
 
 
-# The fused step keeps a layer's materialised rows, instead of its inputs and output gradients,
-# when they take at most this multiple of their memory: its peak is at the end of the backward
-# pass, when every layer's inputs and output gradients are held, and the rows, which replace them
-# one layer at a time, save the weighted gradient's product (as costly as the rows themselves).
-_KEPT_ROWS_FACTOR = 1.5
-
-
 def _gramian(
     terms: Sequence[_Term],
     with_weight: bool,
@@ -318,9 +285,8 @@ def _gramian(
     :func:`_weight_row_parts`; and ``[R, b]`` for the bias), by parameter name, if the per-sample
     form materialised them.
 
-    The rows are only returned when ``keep_rows`` and when they take at most
-    ``_KEPT_ROWS_FACTOR`` times the memory of the terms' inputs and output gradients (for the fused
-    step, which then reuses them and drops the terms).
+    The rows are only returned when ``keep_rows`` and when :func:`keeps_rows` says so (for the
+    fused step, which then reuses them and drops the terms).
 
     :param into: A Gramian ``[R, R]`` to add the result to, in place (and return), if any.
     """
@@ -338,7 +304,7 @@ def _gramian(
                 gramian.addmm_(part, part.T)
             held = sum(term.inputs.numel() + term.grads.numel() for term in terms)
             rows_count = sum(part.numel() for part in parts)
-            if keep_rows and rows_count <= _KEPT_ROWS_FACTOR * held:
+            if keep_rows and keeps_rows(rows_count, held):
                 kept = {"weight": parts}
             del parts
     if with_bias:
