@@ -26,7 +26,7 @@ from ._gramian_layout import (
 from ._graph_checks import check_graph
 from ._recorder import Record, Recorder
 from ._rules import Call
-from ._rules._base import GramianRule
+from ._rules._base import GramianRule, check_block
 from ._rules._fallback import FALLBACK_RULE
 
 
@@ -392,7 +392,7 @@ class Engine:
                             module_steps.append((weighted, assignment.params))
                         else:
                             block = rule.gramian(module, calls, own, batched)
-                        _check_block(block, num_rows, module)
+                        check_block(block, num_rows, module)
                         # Blocks are new tensors, of the size of the Gramian: summed in place.
                         block = _cast(block, accumulation_dtype)
                         gramian = block if gramian is None else gramian.add_(block)
@@ -406,7 +406,7 @@ class Engine:
                             row = shared_rows[id(param)][1] + row
                         shared_rows[id(param)] = (param, row)
             if module_steps:
-                steps.modules.append((forward_order[module], calls, module_steps))
+                steps.modules.append((forward_order[module], module_steps))
             # What the calls of a module hold is needed by its own blocks only; the functions of
             # the fused step hold what they need (rows, for some rules, are smaller than the
             # inputs and output gradients, which can then be freed before the weights are known).
@@ -440,9 +440,9 @@ class Engine:
         """
         steps.modules.sort(key=lambda module: module[0])
         while steps.modules:
-            _, calls, module_steps = steps.modules.pop()
-            # The steps hold what they need, and free it as they go.
-            _release(calls)
+            # The steps hold what they need (the calls were released when the blocks were
+            # formed), and free it as they go.
+            _, module_steps = steps.modules.pop()
             grads: dict[Tensor, Tensor] = {}
             while module_steps:
                 weighted_gradients, params = module_steps.pop()
@@ -465,13 +465,13 @@ _WeightedGradients = tuple[Callable[[Tensor], dict[str, Tensor]], dict[str, nn.P
 class _GradientSteps:
     """What gives the gradients of the fused step, once the weights are known.
 
-    :param modules: For each module, its position in the forward pass, its calls and, for each
-        of its rules, the function of the weights giving the gradients (by name) and the
-        parameters (by name).
+    :param modules: For each module, its position in the forward pass and, for each of its rules,
+        the function of the weights giving the gradients (by name) and the parameters (by
+        name).
     :param shared: Each parameter covered by several modules, with its summed rows.
     """
 
-    modules: list[tuple[int, list[Call], list[_WeightedGradients]]] = field(default_factory=list)
+    modules: list[tuple[int, list[_WeightedGradients]]] = field(default_factory=list)
     shared: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
 
 
@@ -592,14 +592,6 @@ def _accumulate_grads(grads: dict[Tensor, Tensor]) -> None:
             param.grad += grad
     if hooked_params:
         torch.autograd.backward(hooked_params, hooked_grads)
-
-
-def _check_block(block: Tensor, num_rows: int, module: nn.Module) -> None:
-    if block.shape != (num_rows, num_rows):
-        raise RuntimeError(
-            f"The Gramian rule of {type(module)} returned a block of shape {tuple(block.shape)}; "
-            f"expected ({num_rows}, {num_rows}). This is a bug in the rule."
-        )
 
 
 # A call's output (by index) or an edge inside its module (by name), the edge, and whether it

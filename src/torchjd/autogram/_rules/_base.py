@@ -166,11 +166,7 @@ class GramianRule(ABC):
             add its products there directly, without a block of the Gramian's size.
         """
         block, weighted = self.gramian_then_weighted_gradients(module, calls, params, batched)
-        if block.shape != gramian.shape:
-            raise RuntimeError(
-                f"The Gramian rule of {type(module)} returned a block of shape "
-                f"{tuple(block.shape)}; expected {tuple(gramian.shape)}. This is a bug in the rule."
-            )
+        check_block(block, gramian.shape[0], module)
         gramian.add_(block)
         return weighted
 
@@ -200,3 +196,12 @@ class GramianRule(ABC):
         step may then free the graph during its backward pass, as an ordinary backward does.
         """
         return True
+
+
+def check_block(block: Tensor, num_rows: int, module: nn.Module) -> None:
+    """Raise if a rule returned a Gramian block of the wrong shape (a bug in the rule)."""
+    if block.shape != (num_rows, num_rows):
+        raise RuntimeError(
+            f"The Gramian rule of {type(module)} returned a block of shape {tuple(block.shape)}; "
+            f"expected ({num_rows}, {num_rows}). This is a bug in the rule."
+        )
