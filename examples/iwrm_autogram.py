@@ -1,8 +1,10 @@
 """Instance-wise risk minimisation (one objective per sample) with the autogram engine.
 
-This is the main example (`make demo`): the engine computes the Gramian of the per-sample losses'
-Jacobian without holding the Jacobian, UPGrad's weighting turns it into one weight per sample, and
-an ordinary weighted backward fills `.grad`.
+This is the main example (`make demo`). Each step, `engine.backward(losses, weighting)` computes
+the Gramian of the per-sample losses' Jacobian in one backward pass (never holding the Jacobian),
+lets UPGrad's weighting turn it into one weight per sample, and fills `.grad` with the weighted
+sum of the per-sample gradients: the update conflicts with no sample's gradient. The model learns
+a noisy synthetic regression task; the mean loss goes down.
 """
 
 import torch
@@ -13,27 +15,38 @@ from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine
 
 torch.manual_seed(0)
-model = Sequential(Linear(10, 8), ReLU(), Linear(8, 5), ReLU(), Linear(5, 1))
-optimizer = SGD(model.parameters(), lr=0.1)
+model = Sequential(Linear(10, 32), ReLU(), Linear(32, 32), ReLU(), Linear(32, 1))
+optimizer = SGD(model.parameters(), lr=0.05)
 loss_fn = MSELoss(reduction="none")
 weighting = UPGradWeighting()
 engine = Engine(model, batch_dim=0)
 
-inputs = torch.randn(8, 16, 10)
-targets = torch.randn(8, 16)
+# The task: y = sin(x · d) + noise, for a fixed direction d.
+direction = torch.randn(10) / 10**0.5
+test_inputs = torch.randn(512, 10)
+test_targets = torch.sin(test_inputs @ direction)
 
-for step, (x, y) in enumerate(zip(inputs, targets)):
-    output = model(x).squeeze(dim=1)
-    losses = loss_fn(output, y)  # shape [16]: one loss per sample
+
+def test_loss() -> float:
+    with torch.no_grad():  # no records for the engine outside training steps
+        return loss_fn(model(test_inputs).squeeze(dim=1), test_targets).mean().item()
+
+
+initial = test_loss()
+print(f"step   0: test loss {initial:.4f}")
+for step in range(1, 301):
+    x = torch.randn(32, 10)
+    y = torch.sin(x @ direction) + 0.1 * torch.randn(32)
+    losses = loss_fn(model(x).squeeze(dim=1), y)  # shape [32]: one loss per sample
 
     optimizer.zero_grad()
-    gramian = engine.compute_gramian(losses)  # [16, 16]
-    weights = weighting(gramian)  # [16]
-    losses.backward(weights)
+    weights = engine.backward(losses, weighting)  # Gramian, weights and .grad in one pass
     optimizer.step()
 
-    # No sample's loss increases to first order: J @ (J^T w) = G @ w >= 0, up to the regularisation
-    # UPGrad adds to the trace-normalised Gramian (reg_eps = 1e-4).
-    tolerance = 2e-4 * gramian.trace() * weights.max()
-    assert bool((gramian @ weights >= -tolerance).all())
-    print(f"step {step}: mean loss {losses.mean().item():.4f}")
+    if step % 100 == 0:
+        print(
+            f"step {step:3d}: test loss {test_loss():.4f}, weights in [{weights.min():.3f}, "
+            f"{weights.max():.3f}]"
+        )
+
+assert test_loss() < 0.5 * initial
