@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -864,3 +865,17 @@ def test_masked_path_solves_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
         solution = lower + _solve_masked(_Problem(gramian, lower))
     assert max(rows for rows, _ in systems.complement + systems.gathered) < 64
     assert_close(solution, expected, atol=0.0, rtol=1e-10, scale=solution_scale(expected, lower))
+
+
+def test_rows_that_cycle_on_a_singular_gramian_are_accepted() -> None:
+    # Found by hypothesis: a rank-10 Gramian (26 rows, reg_eps=0) on which rounding errors made
+    # the careful mode cycle through a few free sets (on both paths) until the round limit.
+    data = torch.load(Path(__file__).parent / "data" / "cycling_problem.pt")
+    lower = data["lower"]
+    gramian = normalize(data["gramian"], data["norm_eps"])
+    symmetric = (gramian + gramian.T) / 2
+    symmetric = symmetric / symmetric.trace()
+    solution = solve_dual_cone_qp(lower, gramian)
+    assert kkt_violation(symmetric, lower, solution) <= 1e-9
+    masked = lower + _solve_masked(_Problem(symmetric, lower))
+    assert kkt_violation(symmetric, lower, masked) <= 1e-9

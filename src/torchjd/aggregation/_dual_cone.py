@@ -58,6 +58,7 @@ of systems about ten times smaller than ``m`` on real IWRM Gramians instead of `
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Literal, get_args
@@ -86,8 +87,14 @@ _INDEFINITE_TOLERANCE = 1e-2
 # See `_Rows._lawson_hanson_step`: how many times the tolerance a multiplier may exceed it for a
 # row to be accepted when Lawson and Hanson's method cannot make progress.
 _STUCK_TOLERANCE = 1e4
+# The same for a row that cycles (see `_Rows.pivot`): about 1e-9 relative at m = 30, the errors a
+# singular G (a rank-deficient Jacobian with reg_eps=0) amplifies with the fixed two refinement
+# steps of the accelerator path.
+_CYCLING_TOLERANCE = 1e5
 # Rounds of full exchange allowed without progress before switching to the careful mode.
 _PATIENCE = 3
+# Free sets of the careful mode remembered to find cycles (see `_Rows.pivot`).
+_HISTORY = 8
 # Most elements in one batch of gathered systems (CPU): 1 MiB in float64. Larger batches are fewer
 # calls, but their temporaries are fresh blocks that the allocator takes from (and returns to) the
 # OS, and the page faults of touching them cost more (measured: 2^19 elements, 30-50% slower).
@@ -306,6 +313,9 @@ class _Rows:
         self.entered = torch.zeros(b, m, dtype=torch.bool, device=device)
         self.accepted = torch.zeros(b, dtype=torch.bool, device=device)
         self.entry_violation = torch.full((b,), math.inf, dtype=problem.lower.dtype, device=device)
+        # Signatures of the last free sets of the careful mode, to find the rows that cycle.
+        self.history = torch.full((b, _HISTORY), math.nan, dtype=problem.lower.dtype, device=device)
+        self.signature_weights = _signature_weights(m, problem.lower.dtype, device)
         self.point = torch.zeros_like(problem.lower)
         # Offsets x = v − u and products G v, exact and ridged (G v + δ x).
         self.offsets = torch.zeros_like(problem.lower)
@@ -324,6 +334,7 @@ class _Rows:
         "entered",
         "accepted",
         "entry_violation",
+        "history",
         "point",
         "offsets",
         "products",
@@ -340,6 +351,7 @@ class _Rows:
         "entered",
         "accepted",
         "entry_violation",
+        "history",
         "point",
     )
 
@@ -413,8 +425,20 @@ class _Rows:
             self.free = fast_free
             return
         # Careful mode, entered from the current solution's feasible part.
+        signature = (self.free.to(self.history.dtype) @ self.signature_weights).unsqueeze(1)
+        revisited = (self.history == signature).any(dim=1)
+        # Only the careful mode's free sets count (the fast mode may revisit sets by design).
+        self.history = torch.where(
+            careful, torch.cat([self.history[:, 1:], signature], dim=1), math.nan
+        )
         point, careful_free, entered, stuck = self._lawson_hanson_step(problem)
-        self.accepted = self.accepted | (self.careful & stuck)
+        # On a singular G, rounding errors can also make the method cycle through a few free
+        # sets (an index enters, then another, then both leave; exact arithmetic would not): a
+        # row back at a free set where its point is feasible and the entering multiplier is
+        # within `_CYCLING_TOLERANCE` times the tolerance is accepted there, like a stuck one.
+        # Its free set stays, so that the next round solves for that point again.
+        cycling = self.careful & revisited & (self.entry_violation <= _CYCLING_TOLERANCE)
+        self.accepted = self.accepted | (self.careful & stuck) | cycling
         self.entered = entered & careful
         entering = switching.unsqueeze(1)
         entry_point = self.offsets.clamp_min(0.0) * self.free
@@ -422,8 +446,9 @@ class _Rows:
         self.free = torch.where(
             entering,
             self.free & (entry_point > 0),
-            torch.where(careful, careful_free, fast_free),
+            torch.where(careful & ~cycling.unsqueeze(1), careful_free, fast_free),
         )
+        self.free = torch.where(cycling.unsqueeze(1), self.previous_free, self.free)
         self.careful = self.careful | switching
 
     def _lawson_hanson_step(self, problem: _Problem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -487,6 +512,17 @@ class _Rows:
             self.regularized_products = (
                 regularized @ gramian + self.linear + problem.ridge * regularized
             )
+
+
+@functools.cache
+def _signature_weights_cpu(m: int, dtype: torch.dtype) -> Tensor:
+    generator = torch.Generator().manual_seed(m)
+    return torch.rand(m, generator=generator, dtype=dtype) + 1.0
+
+
+def _signature_weights(m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Fixed random weights whose products with free sets (as 0/1 vectors) tell them apart."""
+    return _signature_weights_cpu(m, dtype).to(device)
 
 
 def _warm_start(
