@@ -21,11 +21,10 @@ from torchjd.aggregation._mgda import _frank_wolfe
 from torchjd.aggregation._utils import normalize, regularize
 from torchjd.autogram import Engine
 
-# `_dual_cone.py` (module docstring) and `UPGradWeighting`: "on accelerators, the solver reads one
-# boolean back to the host at a few rounds (typically two or three times per call)"; the reads
-# happen at rounds 0, 2, 4, 8, ... of the masked path. The problems below are well conditioned
-# and small: they are solved in the typical number of rounds.
-_DUAL_CONE_SYNCS = 3
+# `_dual_cone.py` (module docstring, `_solve_masked`): on accelerators, "one read back to the host
+# per round (typically two to four per call, as the warm start leaves one to three rounds)". The
+# problems below are well conditioned and small: they are solved in the typical number of rounds.
+_DUAL_CONE_SYNCS = 4
 
 
 def _gramian(m: int, device: str = "cpu") -> Tensor:
