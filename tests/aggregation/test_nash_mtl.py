@@ -73,6 +73,8 @@ class _Subproblem:
         slacks = self.slacks(alpha)
         assert slacks.min().item() >= -1e-9, f"infeasible: {slacks}"
         active = slacks <= 1e-6
+        # scipy's nnls aborts the process on a matrix without columns.
+        assert active.any(), f"no active constraint, but the cost is not zero: {slacks}"
         products = self.gramian @ alpha
         gradients = torch.diag(products) + alpha.unsqueeze(1) * self.gramian
         multipliers, residual = nnls(gradients[active].T.numpy(), self.cost.numpy())
