@@ -138,7 +138,14 @@ class GramianRule(ABC):
         as it goes).
         """
         gramian = self.gramian(module, calls, params, batched)
-        # Copies of the calls, which the engine empties before calling `weighted`.
+        return gramian, self.weighted_later(module, calls, params, batched)
+
+    def weighted_later(
+        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
+    ) -> Callable[[Tensor], dict[str, Tensor]]:
+        """The function of the weights that :meth:`gramian_then_weighted_gradients` returns when
+        nothing of the Gramian is reused: :meth:`weighted_gradients` on copies of the calls
+        (which the engine empties before calling it), freed once used."""
         held = [
             Call(call.args, call.kwargs, call.outputs, list(call.grad_outputs), call.output_edges)
             for call in calls
@@ -149,7 +156,7 @@ class GramianRule(ABC):
             held.clear()
             return result
 
-        return gramian, weighted
+        return weighted
 
     def add_gramian_then_weighted_gradients(
         self,

@@ -307,24 +307,8 @@ class ConvRule(GramianRule):
             # Keeping the rows would take more memory than the inputs and output gradients.
             gramian = gram(list(rows.values()))
             del rows
-            return gramian, self._weighted_later(module, calls, params, batched)
+            return gramian, self.weighted_later(module, calls, params, batched)
         return gramian_and_weighted_rows(module, rows)
-
-    def _weighted_later(
-        self, module: nn.Module, calls: Sequence[Call], params: Sequence[str], batched: bool
-    ) -> Callable[[Tensor], dict[str, Tensor]]:
-        # Copies of the calls, which the engine empties before calling `weighted`.
-        held = [
-            Call(call.args, call.kwargs, call.outputs, list(call.grad_outputs), call.output_edges)
-            for call in calls
-        ]
-
-        def weighted(weights: Tensor) -> dict[str, Tensor]:
-            result = self.weighted_gradients(module, held, params, batched, weights)
-            held.clear()
-            return result
-
-        return weighted
 
     def weighted_gradients(
         self,
