@@ -323,25 +323,7 @@ class _Rows:
         self.regularized_offsets = self.offsets
         self.regularized_products = self.products
 
-    _FIELDS = (
-        "lower",
-        "linear",
-        "free",
-        "previous_free",
-        "best",
-        "patience",
-        "careful",
-        "entered",
-        "accepted",
-        "entry_violation",
-        "history",
-        "point",
-        "offsets",
-        "products",
-        "regularized_offsets",
-        "regularized_products",
-    )
-
+    # What `pivot` changes (see `pivot_state`).
     _PIVOT_FIELDS = (
         "free",
         "previous_free",
@@ -353,6 +335,16 @@ class _Rows:
         "entry_violation",
         "history",
         "point",
+    )
+    # Everything per row (see `keep`).
+    _FIELDS = (
+        "lower",
+        "linear",
+        *_PIVOT_FIELDS,
+        "offsets",
+        "products",
+        "regularized_offsets",
+        "regularized_products",
     )
 
     def pivot_state(self) -> tuple[Tensor, ...]:
