@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,15 +27,7 @@ from torch import Tensor
 from torchjd.aggregation import CAGrad, CAGradWeighting
 from torchjd.aggregation._cagrad import _quadratic_roots, _solve_cagrad_subproblem
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The solver makes many tiny LAPACK calls; with several threads on a busy machine, each of
-    # them can wait for a sleeping thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Subproblem:

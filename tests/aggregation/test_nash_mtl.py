@@ -3,7 +3,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -29,15 +28,7 @@ from torchjd.aggregation._nash_mtl_solver import (
     solve_nash_mtl_subproblem,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The solver makes many tiny LAPACK calls; with several threads on a busy machine, each of
-    # them can wait for a sleeping thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weighting(aggregator: NashMTL) -> _NashMTLWeighting:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,15 +11,7 @@ from torch import Tensor
 
 from torchjd.aggregation._simplex_qp import affine_minimizer, minimize_over_simplex
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The solver makes many tiny LAPACK calls; with several threads on a busy machine, each of
-    # them can wait for a sleeping thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _objective(gramian: Tensor, linear: Tensor, weights: Tensor) -> float:
